@@ -113,27 +113,37 @@ def forward(x, keys, values, tau, l2, need_counts):
 
 
 def backward(grad_y, x, keys, values, tau, l2, y, lse):
-    """Gradients of sum(grad_y * y) for x, keys, values (key role folded in when keys is values), tau."""
+    """Gradients of sum(grad_y * y) for x, keys, values (key role folded in when keys is values), tau.
+
+    Three rewrites keep the one-hot regime (huge inputs) exact, where ds_tv is pure rounding noise:
+    p is recomputed as exp(s - lse) from the true scores (bitwise 1 at the argmax, since forward's
+    lse was formed the same way); d(tau) uses log p in place of s; and dx subtracts y_t sum_v ds_tv.
+    All three are exact rewrites because sum_v ds_tv = 0.
+    """
     scorer = _Scorer(x, keys, tau, l2)
     acc, (T, d), V = scorer.acc, x.shape, keys.shape[0]
     step = chunk_size_for(T, V, acc)
     g = grad_y.to(acc)
-    delta = (g * y.to(acc)).sum(-1)  # <g_t, y_t> = sum_v p_tv dp_tv
-    lse_a = lse + scorer.frame_offset if l2 else lse
+    y = y.to(acc)
+    delta = (g * y).sum(-1)  # <g_t, y_t> = sum_v p_tv dp_tv
     key_factor = (2.0 if l2 else 1.0) / tau
     shared = keys is values
     grad_x = torch.zeros(T, d, dtype=acc, device=x.device)
+    ds_row_sums = torch.zeros(T, dtype=acc, device=x.device)
     grad_values = torch.empty(V, d, dtype=acc, device=x.device)
     grad_keys = grad_values if shared else torch.empty(V, d, dtype=acc, device=x.device)
-    ds_times_score = torch.zeros((), dtype=acc, device=x.device)
+    ds_times_log_p = torch.zeros((), dtype=acc, device=x.device)
     for start in range(0, V, step):
         stop = min(start + step, V)
-        k, a = scorer(start, stop)
+        k, log_p = scorer(start, stop)
+        if l2:
+            log_p.sub_(scorer.frame_offset[:, None])  # true scores, rounded as forward's lse was
+        log_p.sub_(lse[:, None])
+        p = log_p.exp()
         v = k if shared else values[start:stop].to(acc)
-        p = torch.exp(a - lse_a[:, None])
         ds = torch.addmm(-delta[:, None], g, v.T).mul_(p)  # p_tv (dp_tv - delta_t)
-        true_scores = a.sub_(scorer.frame_offset[:, None]) if l2 else a
-        ds_times_score += torch.dot(ds.view(-1), true_scores.view(-1))
+        ds_times_log_p += torch.dot(ds.view(-1), log_p.view(-1))
+        ds_row_sums += ds.sum(dim=1)
         grad_x.addmm_(ds, k)
         key_grad = ds.T @ scorer.x
         if l2:
@@ -145,6 +155,6 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
         else:
             grad_values[start:stop] = value_grad
             grad_keys[start:stop] = key_grad
-    grad_x *= key_factor
-    grad_tau = -ds_times_score / tau
+    grad_x.sub_(y * ds_row_sums[:, None]).mul_(key_factor)
+    grad_tau = -ds_times_log_p / tau
     return grad_x, (None if shared else grad_keys), grad_values, grad_tau

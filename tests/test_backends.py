@@ -1,0 +1,175 @@
+"""The shared correctness suite: every fused backend against the fp64 reference.
+
+A new backend is one entry in FUSED_BACKENDS. Backends that cannot run on this machine's device are
+skipped with the registry's reason (the CUDA backend without a GPU); Triton runs in its CPU
+interpreter when there is no GPU (tests/conftest.py).
+"""
+
+import pytest
+import torch
+
+import softvq_kernels as sk
+from softvq_kernels import backends
+from tests.conftest import DEVICE
+from tests.helpers import (
+    REL_TOL,
+    assert_grads_close,
+    assert_indices_are_argmax,
+    fp64_oracle,
+    random_problem,
+    rel_err,
+    run_with_grads,
+)
+
+FUSED_BACKENDS = ["chunked", "triton", "cuda"]
+DISTANCES = ["l2", "cosine", "dot"]
+
+
+def _backend_param(name):
+    reason = backends.unavailable_reason(name, DEVICE)
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+BACKEND_PARAMS = [_backend_param(name) for name in FUSED_BACKENDS]
+
+
+def _dtypes_for(backend):
+    supported = getattr(backends.load_backend(backend), "SUPPORTED_DTYPES", None)
+    dtypes = [torch.float32, torch.float16]
+    if DEVICE.type == "cuda" or backend == "chunked":
+        dtypes.append(torch.bfloat16)  # the Triton interpreter's bf16 dot is wrong; GPUs test it
+    return [dt for dt in dtypes if supported is None or dt in supported]
+
+
+def _check_against_reference(backend, T_shape, V, d, dtype, distance, masked, scale=1.0):
+    x, codebook, temperature, mask = random_problem(T_shape, V, d, dtype, DEVICE, scale=scale, masked=masked)
+    upstream = torch.randn(*T_shape, d, device=DEVICE)
+    y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend=backend, upstream=upstream)
+    y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=mask, upstream=upstream)
+    tol = REL_TOL[dtype]
+
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel_err(y, y_ref) < tol
+    assert aux.lse.dtype == torch.float32 and aux.lse.shape == x.shape[:-1]
+    assert (aux.lse.double() - aux_ref.lse).abs().max().item() < tol * (1 + aux_ref.lse.abs().max().item())
+    assert aux.indices.dtype == torch.int64
+    assert_indices_are_argmax(aux.indices, x, codebook, temperature, distance, mask, atol=50 * tol)
+    assert aux.code_counts.shape == (V,) and aux.code_counts.dtype == torch.float32
+    assert rel_err(aux.code_counts, aux_ref.code_counts) < tol
+    *_, eager_grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="reference", upstream=upstream)
+    assert_grads_close(grads, grads_ref, eager_grads, tol)
+    if mask is not None:
+        assert (y[~mask] == 0).all() and (grads[0][~mask] == 0).all()
+        assert (aux.lse[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_matches_reference_at_odd_shapes(backend, distance, masked):
+    for dtype in _dtypes_for(backend):
+        _check_against_reference(backend, (2, 9), 37, 19, dtype, distance, masked)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("T_shape, V, d", [((1,), 1, 16), ((3,), 1, 5), ((2, 3, 5), 67, 33), ((70,), 130, 17)])
+def test_shapes_single_code_and_leading_dims(backend, T_shape, V, d):
+    _check_against_reference(backend, T_shape, V, d, torch.float32, "l2", masked=False)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_huge_magnitudes_stay_finite_and_exact(backend, distance):
+    """Inputs x1e3 make the softmax one-hot: outputs must be exact, not inf/NaN from exp overflow.
+
+    Gradients: x and temperature must match (their formulas cancel exactly). The codebook's key role
+    carries ds_tv = p_tv (<g_t, c_v> - <g_t, y_t>), whose two dot products round differently (as in
+    every fused softmax backward that forms <g, y> from the output): allowed up to that rounding.
+    """
+    x, codebook, temperature, mask = random_problem((11,), 29, 13, torch.float32, DEVICE, scale=1e3, masked=True)
+    upstream = torch.randn(11, 13, device=DEVICE)
+    y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend=backend, upstream=upstream)
+    y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=mask, upstream=upstream)
+    tol = REL_TOL[torch.float32]
+    assert rel_err(y, y_ref) < tol
+    assert torch.allclose(aux.lse.double(), aux_ref.lse.double(), rtol=1e-5, atol=1e-3)
+    assert_indices_are_argmax(aux.indices, x, codebook, temperature, distance, mask, atol=0)
+    assert rel_err(aux.code_counts, aux_ref.code_counts) < tol
+    assert rel_err(grads[0], grads_ref[0]) < tol and rel_err(grads[2], grads_ref[2]) < tol
+    g, xs, ys = upstream.double(), x.detach().double(), y.detach().double()
+    dot_rounding = 8 * torch.finfo(torch.float32).eps * g.norm(dim=1) * ys.norm(dim=1) * mask
+    key_scale = (2 if distance == "l2" else 1) / temperature.item()
+    arm = xs.norm(dim=1) + (ys.norm(dim=1) if distance == "l2" else 0)
+    if distance == "cosine":  # normalised rows: unit arms, scores of order 1
+        dot_rounding, arm = 8 * torch.finfo(torch.float32).eps * g.norm(dim=1) * mask, 2.0
+    bound = (key_scale * dot_rounding * arm).sum().item() + tol * grads_ref[1].norm().item()
+    assert (grads[1].double() - grads_ref[1]).norm().item() <= bound
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_huge_l2_inputs_snap_to_nearest_code(backend):
+    x = torch.randn(8, 24, device=DEVICE) * 1e3
+    codebook = torch.randn(41, 24, device=DEVICE) * 1e3
+    y, aux = sk.soft_vq(x, codebook, 1.0, backend=backend, return_aux=True)
+    nearest = torch.cdist(x.double(), codebook.double()).argmin(dim=1)
+    assert torch.equal(aux.indices, nearest)
+    torch.testing.assert_close(y, codebook[nearest], rtol=1e-6, atol=1e-3)
+    assert torch.isfinite(aux.lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 10, device=DEVICE, requires_grad=True)
+    codebook = torch.randn(13, 10, device=DEVICE, requires_grad=True)
+    y, aux = sk.soft_vq(x, codebook, 0.7, backend=backend, return_aux=True)
+    assert y.shape == (0, 3, 10) and aux.lse.shape == (0, 3) and aux.indices.shape == (0, 3)
+    assert torch.equal(aux.code_counts, torch.zeros(13, device=DEVICE))
+    y.sum().backward()
+    assert torch.equal(codebook.grad, torch.zeros_like(codebook))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_all_frames_masked(backend):
+    x = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    codebook = torch.randn(5, 6, device=DEVICE, requires_grad=True)
+    mask = torch.zeros(4, dtype=torch.bool, device=DEVICE)
+    y, aux = sk.soft_vq(x, codebook, mask=mask, backend=backend, return_aux=True)
+    assert (y == 0).all() and (aux.indices == -1).all() and (aux.code_counts == 0).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert (x.grad == 0).all() and (codebook.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_float_and_tensor_temperature_agree(backend):
+    x, codebook = torch.randn(7, 12, device=DEVICE), torch.randn(23, 12, device=DEVICE)
+    from_float = sk.soft_vq(x, codebook, 0.3, backend=backend)
+    from_tensor = sk.soft_vq(x, codebook, torch.tensor(0.3, device=DEVICE), backend=backend)
+    torch.testing.assert_close(from_float, from_tensor)
+
+
+def _fp64_backend_params():
+    params = []
+    for p in BACKEND_PARAMS:
+        (name,) = p.values
+        supported = None
+        if backends.unavailable_reason(name, DEVICE) is None:
+            supported = getattr(backends.load_backend(name), "SUPPORTED_DTYPES", None)
+        marks = list(p.marks)
+        if supported is not None and torch.float64 not in supported:
+            marks.append(pytest.mark.skip(reason=f"{name} does not take float64 (low-precision kernels)"))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return [pytest.param("reference", id="reference"), *params]
+
+
+@pytest.mark.parametrize("backend", _fp64_backend_params())
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gradcheck_fp64_with_mask_and_learnable_temperature(backend, distance):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    codebook = torch.randn(7, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    temperature = torch.tensor(0.8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
+
+    def op(x, codebook, temperature):
+        return sk.soft_vq(x, codebook, temperature, distance=distance, mask=mask, backend=backend)
+
+    assert torch.autograd.gradcheck(op, (x, codebook, temperature))
