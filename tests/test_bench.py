@@ -1,0 +1,41 @@
+"""The benchmark entry point and the README's promises about commands."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_op
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_command = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert len(ci_command) == 1
+    readme_commands = re.findall(r"^(bash scripts/setup_env\.sh && .*?)\s+#", (ROOT / "README.md").read_text(), re.M)
+    assert len(readme_commands) == 2, "README opens with the main-job command and the test command"
+    assert ci_command[0].strip() == readme_commands[1].strip()
+
+
+def test_shape_parsing():
+    assert bench_op.parse_shape("4096x32000x256") == (4096, 32000, 256)
+    for bad in ("4096x32000", "0x1x1", "axbxc"):
+        with pytest.raises(Exception, match="shape"):
+            bench_op.parse_shape(bad)
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "report.json"
+    bench_op.main(["--shapes", "64x300x24", "--impls", "eager,chunked", "--modes", "fwdbwd", "--reps", "1",
+                   "--out", str(out), "--plot", str(tmp_path / "plot.png")])
+    report = json.loads(out.read_text())
+    assert {"date", "device", "versions", "shapes", "results"} <= report.keys()
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {"eager", "chunked"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["time_s"] > 0 and row["peak_bytes"] >= 0
+    assert rows["eager"]["time_vs_eager"] == 1.0
+    assert (tmp_path / "plot.png").stat().st_size > 0
