@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 
 from softvq_kernels import backends
-from softvq_kernels.autograd import SoftVQFunction
-from softvq_kernels.reference import soft_vq_reference
+from softvq_kernels.op import soft_vq_op
+from softvq_kernels.reference import accumulation_dtype, scores, soft_vq_reference
 
 DISTANCES = ("l2", "cosine", "dot")
 
@@ -86,6 +86,72 @@ def _temperature_tensor(temperature, x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(temperature), dtype=dtype, device=x.device)
 
 
+# Backend resolution imports modules, which torch.compile cannot trace: it runs once at trace time and
+# its (string) result is a constant of the graph.
+_resolve_backend = torch.compiler.assume_constant_result(backends.resolve_backend)
+
+_AUTOCAST_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_inputs(x, codebook):
+    """Under torch.autocast, cast x and codebook to the autocast dtype (fp64 is left alone, as autocast does).
+
+    So an fp32 codebook works with low-precision activations; the backends still accumulate in fp32.
+    """
+    if not (isinstance(x, torch.Tensor) and isinstance(codebook, torch.Tensor)):
+        return x, codebook
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return x, codebook
+    dtype = torch.get_autocast_dtype(device_type)
+    if x.dtype in _AUTOCAST_CASTABLE:
+        x = x.to(dtype)
+    if codebook.dtype in _AUTOCAST_CASTABLE:
+        codebook = codebook.to(dtype)
+    return x, codebook
+
+
+def _reference_sums(frames, codebook, tau, distance, mask):
+    """Soft sums m_v = sum_t p_tv x_t by the spec (materialises (T, V) like the rest of the reference)."""
+    acc = accumulation_dtype(frames.dtype)
+    probs = scores(frames.to(acc), codebook.to(acc), tau.to(acc), distance).softmax(dim=-1)
+    if mask is not None:
+        probs = probs * mask[:, None]
+    return (probs.T @ frames.to(acc)).float()
+
+
+def _quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, positive_tau=False):
+    """Checks, flattening and dispatch shared by ``soft_vq`` and ``SoftVQ``.
+
+    positive_tau=True: temperature is a 0-dim float tensor known to be positive (SoftVQ's exp(log tau)),
+    so its value check, a host sync on GPUs, is skipped.
+    Returns y (..., d), lse (...,) fp32, indices (...,) int64, counts (V,) fp32 (zeros unless
+    need_counts), sums (V, d) fp32 (shape (0, d) unless need_sums); only y carries gradient.
+    """
+    x, codebook = _autocast_inputs(x, codebook)
+    _check_inputs(x, codebook, distance, mask, backend)
+    tau = temperature.reshape(()).to(x.device) if positive_tau else _temperature_tensor(temperature, x)
+    name = _resolve_backend(backend, x.device)
+    d = x.shape[-1]
+    frames = x.reshape(-1, d)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    if name == "reference":
+        with torch.autocast(x.device.type, enabled=False):
+            y, lse, indices, counts = soft_vq_reference(frames, codebook, tau, distance, flat_mask)
+            if need_sums:
+                sums = _reference_sums(frames.detach(), codebook.detach(), tau.detach(), distance, flat_mask)
+            else:
+                sums = counts.new_zeros(0, d, dtype=torch.float32)
+        lse, counts = lse.detach(), counts.detach().float()
+    else:
+        y, lse, indices, counts, sums = soft_vq_op(
+            frames, codebook, tau, flat_mask, distance, name, need_counts, need_sums
+        )
+        y = y.to(frames.dtype)  # the op keeps the full-precision y for its backward
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), lse.float().reshape(lead), indices.reshape(lead), counts, sums
+
+
 def soft_vq(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -107,21 +173,10 @@ def soft_vq(
     Returns y (..., d) in x's dtype, and with return_aux=True also ``SoftVQAux(lse, indices, code_counts)``.
     Low-precision inputs accumulate in fp32. NaN in a frame makes that frame's outputs NaN; NaN in the
     codebook makes every output NaN (nothing is silently dropped).
+    Under ``torch.autocast`` x and codebook run in the autocast dtype (an fp32 codebook is fine).
+    The fused backends run as the custom op ``softvq::soft_vq`` (one node for ``torch.compile``).
     """
-    _check_inputs(x, codebook, distance, mask, backend)
-    tau = _temperature_tensor(temperature, x)
-    name = backends.resolve_backend(backend, x.device)
-    d = x.shape[-1]
-    frames = x.reshape(-1, d)
-    flat_mask = None if mask is None else mask.reshape(-1)
-    if name == "reference":
-        y, lse, indices, counts = soft_vq_reference(frames, codebook, tau, distance, flat_mask)
-        lse, counts = lse.detach().float(), counts.detach().float()
-    else:
-        y, lse, indices, counts = SoftVQFunction.apply(
-            frames, codebook, tau, distance, flat_mask, backends.load_backend(name), return_aux
-        )
-    y = y.reshape(x.shape)
+    y, lse, indices, counts, _ = _quantize(x, codebook, temperature, distance, mask, backend, return_aux, False)
     if not return_aux:
         return y
-    return y, SoftVQAux(lse.reshape(x.shape[:-1]), indices.reshape(x.shape[:-1]), counts)
+    return y, SoftVQAux(lse, indices, counts)

@@ -15,6 +15,12 @@ A backend module (``softvq_kernels.chunked``, ``softvq_kernels.triton``, ``softv
         grad_keys may be None only when ``keys is values``; the key-role gradient is then already
         folded into grad_values.
 
+Optional exports:
+    SUPPORTED_DTYPES: tuple of input dtypes the backend takes (default: all floating dtypes).
+    codebook_stats(x, keys, tau, l2, lse, rows) -> (counts (V,), sums (V, d_rows))
+        soft counts sum_t p_tv and soft sums sum_t p_tv rows_t with p recomputed from lse, for EMA
+        codebook updates; without it softvq_kernels.autograd derives the sums from ``backward``.
+
 The reference backend is the exception: it is plain PyTorch differentiated by autograd (the spec).
 """
 

@@ -77,6 +77,17 @@ class _Scorer:
     def true_lse(self, lse_a):
         return lse_a - self.frame_offset if self.l2 else lse_a
 
+    def log_probs(self, start, stop, lse):
+        """(keys chunk, log p chunk) with p recomputed from the true-score lse: exp(s - lse).
+
+        Subtracting the true scores' lse (not a_tv - (lse + offset)) keeps p bitwise 1 at the argmax
+        in the one-hot regime, because forward formed lse from the same rounded quantities.
+        """
+        k, log_p = self(start, stop)
+        if self.l2:
+            log_p.sub_(self.frame_offset[:, None])
+        return k, log_p.sub_(lse[:, None])
+
 
 def forward(x, keys, values, tau, l2, need_counts):
     """x: (T, d), keys/values: (V, d), tau: 0-dim -> y (T, d) acc dtype, lse (T,), indices (T,), counts (V,)."""
@@ -99,17 +110,35 @@ def forward(x, keys, values, tau, l2, need_counts):
         normaliser = normaliser * rescale + p.sum(dim=1)
         y = torch.addmm(y * rescale[:, None], p, values[start:stop].to(acc))
         running_max = new_max
-    lse_a = running_max + normaliser.log()
+    lse = scorer.true_lse(running_max + normaliser.log())
     y = y / normaliser[:, None]
     counts = None
     if need_counts:
         # The exact probabilities need the final lse, hence a second (scores-only) pass.
-        counts = torch.zeros(V, dtype=acc, device=x.device)
+        counts = torch.empty(V, dtype=acc, device=x.device)
         for start in range(0, V, step):
             stop = min(start + step, V)
-            _, s = scorer(start, stop)
-            counts[start:stop] = s.sub_(lse_a[:, None]).exp_().sum(dim=0)
-    return y, scorer.true_lse(lse_a), indices, counts
+            counts[start:stop] = scorer.log_probs(start, stop, lse)[1].exp_().sum(dim=0)
+    return y, lse, indices, counts
+
+
+def codebook_stats(x, keys, tau, l2, lse, rows):
+    """Soft counts sum_t p_tv (V,) and soft sums sum_t p_tv rows_t (V, d_rows), p recomputed from lse.
+
+    One scores pass and one product per chunk (4·T·V·d FLOPs); used for EMA codebook updates.
+    """
+    scorer = _Scorer(x, keys, tau, l2)
+    acc, T, V = scorer.acc, x.shape[0], keys.shape[0]
+    step = chunk_size_for(T, V, acc)
+    rows = rows.to(acc)
+    counts = torch.empty(V, dtype=acc, device=x.device)
+    sums = torch.empty(V, rows.shape[1], dtype=acc, device=x.device)
+    for start in range(0, V, step):
+        stop = min(start + step, V)
+        p = scorer.log_probs(start, stop, lse)[1].exp_()
+        counts[start:stop] = p.sum(dim=0)
+        sums[start:stop] = p.T @ rows
+    return counts, sums
 
 
 def backward(grad_y, x, keys, values, tau, l2, y, lse):
@@ -135,10 +164,7 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     ds_times_log_p = torch.zeros((), dtype=acc, device=x.device)
     for start in range(0, V, step):
         stop = min(start + step, V)
-        k, log_p = scorer(start, stop)
-        if l2:
-            log_p.sub_(scorer.frame_offset[:, None])  # true scores, rounded as forward's lse was
-        log_p.sub_(lse[:, None])
+        k, log_p = scorer.log_probs(start, stop, lse)
         p = log_p.exp()
         v = k if shared else values[start:stop].to(acc)
         ds = torch.addmm(-delta[:, None], g, v.T).mul_(p)  # p_tv (dp_tv - delta_t)

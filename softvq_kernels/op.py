@@ -1,0 +1,102 @@
+"""The fused backends as two ``torch.library`` custom ops, so ``torch.compile`` sees one opaque node.
+
+``softvq::soft_vq``          (x, codebook, tau, mask, distance, backend, need_counts, need_sums)
+                             -> (y, lse, indices, counts, sums)   (y and lse in the accumulation dtype)
+``softvq::soft_vq_backward`` (grad_y, x, codebook, tau, mask, y, lse, distance, backend)
+                             -> (grad_x, grad_codebook, grad_tau)
+
+Both run ``softvq_kernels.autograd.fused_forward`` / ``fused_backward`` (the one implementation); the
+backward op is what ``register_autograd`` calls, so a compiled graph holds an opaque backward node too
+and the profiler shows both by name. Shapes: x (T, d), codebook (V, d), tau 0-dim, mask (T,) bool or
+None; ``backend`` is a resolved backend name other than "reference" (which autograd differentiates).
+Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from softvq_kernels.autograd import fused_backward, fused_forward
+from softvq_kernels.reference import accumulation_dtype
+
+
+@torch.library.custom_op("softvq::soft_vq", mutates_args=())
+def soft_vq_op(
+    x: Tensor,
+    codebook: Tensor,
+    tau: Tensor,
+    mask: Optional[Tensor],
+    distance: str,
+    backend: str,
+    need_counts: bool,
+    need_sums: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return fused_forward(x, codebook, tau, mask, distance, backend, need_counts, need_sums)
+
+
+@soft_vq_op.register_fake
+def _soft_vq_fake(x, codebook, tau, mask, distance, backend, need_counts, need_sums):
+    T, d = x.shape
+    V = codebook.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    return (
+        x.new_empty(T, d, dtype=acc),
+        x.new_empty(T, dtype=acc),
+        x.new_empty(T, dtype=torch.int64),
+        x.new_empty(V, dtype=torch.float32),
+        x.new_empty(V if need_sums else 0, d, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("softvq::soft_vq_backward", mutates_args=())
+def soft_vq_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    codebook: Tensor,
+    tau: Tensor,
+    mask: Optional[Tensor],
+    y: Tensor,
+    lse: Tensor,
+    distance: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return fused_backward(grad_y, x, codebook, tau, mask, y, lse, distance, backend)
+
+
+@soft_vq_backward_op.register_fake
+def _soft_vq_backward_fake(grad_y, x, codebook, tau, mask, y, lse, distance, backend):
+    return torch.empty_like(x), torch.empty_like(codebook), torch.empty_like(tau)
+
+
+def _setup_context(ctx, inputs, output):
+    x, codebook, tau, mask, distance, backend, _need_counts, _need_sums = inputs
+    y, lse = output[0], output[1]
+    ctx.save_for_backward(x, codebook, tau, mask, y, lse)
+    ctx.distance, ctx.backend = distance, backend
+
+
+def _backward(ctx, grad_y, _grad_lse, _grad_indices, _grad_counts, _grad_sums):
+    x, codebook, tau, mask, y, lse = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None, None, None, None, None
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
+    grad_x, grad_codebook, grad_tau = soft_vq_backward_op(
+        grad_y, x, codebook, tau, mask, y, lse, ctx.distance, ctx.backend
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_x if needs[0] else None,
+        grad_codebook if needs[1] else None,
+        grad_tau if needs[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+soft_vq_op.register_autograd(_backward, setup_context=_setup_context)
