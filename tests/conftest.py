@@ -2,6 +2,7 @@
 must be set before triton is first imported, hence here."""
 
 import os
+import zlib
 
 import torch
 
@@ -21,4 +22,4 @@ def device():
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible stream per test: inputs are random, never zeros, never shared.
-    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

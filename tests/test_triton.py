@@ -1,0 +1,299 @@
+"""The Triton backend's own tests: both schedules (fused on-chip output, staged large-d output) forced at
+tiny odd shapes with 16-wide blocks, a vocabulary split and several staged chunks; poisoned buffers;
+the config table and its cache. Without CUDA the kernels run in Triton's interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is imported). The shared suite (tests/test_backends.py) covers
+the defaults, edge shapes and gradcheck. GPU-only tests at real shapes are at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+import softvq_kernels as sk
+from softvq_kernels import backends
+from tests.conftest import DEVICE
+from tests.helpers import (
+    REL_TOL,
+    assert_grads_close,
+    assert_indices_are_argmax,
+    fp64_oracle,
+    random_problem,
+    rel_err,
+    run_with_grads,
+)
+
+REASON = backends.unavailable_reason("triton", DEVICE)
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=str(REASON)),
+    # The interpreter converts 1-element arrays to scalars, which numpy deprecates: noise, not ours.
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+CUDA = torch.cuda.is_available()
+
+if REASON is None:
+    import importlib
+
+    from softvq_kernels.triton import configs
+
+    # The package's ``forward`` attribute is the contract's function; the module is fetched by name.
+    fwd_mod = importlib.import_module("softvq_kernels.triton.forward")
+
+# 16-wide blocks so that tiny shapes still have several tiles in every direction.
+TINY = dict(block_t=16, block_v=16, block_k=16, mm_block_m=16, mm_block_n=16, mm_block_k=16)
+
+
+def _schedule(name, T, elem_bytes=4):
+    """Config overrides for one schedule: 'fused' (on-chip output, vocabulary split over programs) or
+    'staged' (the large-d path: lse pass, then p tiles of 16-column chunks and GEMMs)."""
+    if name == "fused":
+        return configs.override(**TINY, fused_max_d=64, fused_bwd_max_d=64, min_programs=6)
+    return configs.override(**TINY, fused_max_d=0, fused_bwd_max_d=0, min_programs=6, workspace_bytes=T * elem_bytes * 16)
+
+
+def test_interpreter_is_on_without_cuda():
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert "triton" in sk.available_backends("cpu")
+
+
+def test_unavailable_reason(monkeypatch):
+    import softvq_kernels.triton as tri
+
+    assert tri.unavailable_reason(torch.device("cuda")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = tri.unavailable_reason(torch.device("cpu"))
+    assert isinstance(reason, str) and "TRITON_INTERPRET" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tri.unavailable_reason(torch.device("cpu")) is None
+    assert isinstance(tri.unavailable_reason(torch.device("meta")), str)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's bf16 refusal is CPU-only")
+def test_interpreter_refuses_bfloat16():
+    x, codebook = torch.randn(4, 16).bfloat16(), torch.randn(5, 16).bfloat16()
+    with pytest.raises(TypeError, match="bfloat16"):
+        sk.soft_vq(x, codebook, backend="triton")
+
+
+@pytest.mark.parametrize("schedule", ["fused", "staged"])
+@pytest.mark.parametrize("distance", ["l2", "cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_schedules_match_fp64_reference(schedule, distance, dtype):
+    """Forward outputs and all gradients at odd shapes (d = 24 is no multiple of the block), masked."""
+    T_shape, V, d = (3, 13), 45, 24
+    x, codebook, temperature, mask = random_problem(T_shape, V, d, dtype, DEVICE, masked=True)
+    upstream = torch.randn(*T_shape, d, device=DEVICE)
+    with _schedule(schedule, math.prod(T_shape)):
+        y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="triton", upstream=upstream)
+    y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=mask, upstream=upstream)
+    tol = REL_TOL[dtype]
+    assert y.dtype == dtype and rel_err(y, y_ref) < tol
+    assert (aux.lse.double() - aux_ref.lse).abs().max().item() < tol * (1 + aux_ref.lse.abs().max().item())
+    assert_indices_are_argmax(aux.indices, x, codebook, temperature, distance, mask, atol=50 * tol)
+    assert rel_err(aux.code_counts, aux_ref.code_counts) < tol
+    *_, eager_grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="reference", upstream=upstream)
+    assert_grads_close(grads, grads_ref, eager_grads, tol)
+    assert (y[~mask] == 0).all() and (grads[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("schedule", ["fused", "staged"])
+def test_backend_level_separate_values(schedule):
+    """keys is not values (the soft-sums path of autograd.py): value and key roles come back apart."""
+    import softvq_kernels.triton as tri
+    from softvq_kernels.reference import scores
+
+    T, V, d = 29, 37, 20
+    x, c = torch.randn(T, d, device=DEVICE), torch.randn(V, d, device=DEVICE)
+    tau, g = torch.tensor(0.6, device=DEVICE), torch.randn(T, d, device=DEVICE)
+    values = c.view_as(c)
+    with _schedule(schedule, T):
+        y, lse, _, _ = tri.forward(x, c, values, tau, True, False)
+        gx, gk, gv, gt = tri.backward(g, x, c, values, tau, True, y, lse)
+    xd, cd, vd, td = (t.double().requires_grad_() for t in (x, c, c, tau))
+    # y = softmax(scores(x, keys)) @ values with keys and values as separate leaves.
+    y_ref = scores(xd, cd, td, "l2").softmax(-1) @ vd
+    rx, rk, rv, rt = torch.autograd.grad((y_ref * g.double()).sum(), (xd, cd, vd, td))
+    assert gk is not None
+    for got, want in ((gx, rx), (gk, rk), (gv, rv), (gt, rt)):
+        assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_codebook_stats_hook_matches_reference(distance):
+    """counts and soft sums sum_t p_tv x_t for EMA statistics, through the api's internal entry point."""
+    from softvq_kernels.api import _quantize
+
+    x, codebook, temperature, mask = random_problem((4, 9), 37, 20, torch.float32, DEVICE, masked=True, requires_grad=False)
+    with _schedule("staged", 36):
+        _, _, _, counts, sums = _quantize(x, codebook, temperature, distance, mask, "triton", True, True)
+    _, _, _, counts_ref, sums_ref = _quantize(
+        x.double(), codebook.double(), temperature.double(), distance, mask, "reference", True, True
+    )
+    assert counts.dtype == sums.dtype == torch.float32 and sums.shape == (37, 20)
+    assert rel_err(counts, counts_ref) < REL_TOL[torch.float32]
+    assert rel_err(sums, sums_ref) < REL_TOL[torch.float32]
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """torch.empty poisoned with NaN / -7 for the whole call: any element a kernel skipped would show."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    x, codebook, temperature, _ = random_problem((35,), 41, 21, torch.float32, DEVICE)
+    upstream = torch.randn(35, 21, device=DEVICE)
+    for schedule in ("fused", "staged"):
+        with _schedule(schedule, 35):
+            monkeypatch.setattr(torch, "empty", poisoned)
+            y, aux, grads = run_with_grads(x, codebook, temperature, distance="l2", mask=None, backend="triton", upstream=upstream)
+            monkeypatch.setattr(torch, "empty", real_empty)
+        for t in (y, aux.lse, aux.code_counts, *grads):
+            assert torch.isfinite(t).all(), schedule
+        assert (aux.indices >= 0).all()
+        y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance="l2", mask=None, upstream=upstream)
+        assert rel_err(y, y_ref) < REL_TOL[torch.float32]
+        assert rel_err(grads[1], grads_ref[1]) < 2 * REL_TOL[torch.float32]
+
+
+def test_default_cpu_config_takes_staged_path_past_fused_max_d(monkeypatch):
+    """With the default (interpreter) config, d = 80 > fused_max_d: the forward runs the staged GEMMs."""
+    calls = []
+    real = fwd_mod.matmul_into
+    monkeypatch.setattr(fwd_mod, "matmul_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, codebook, temperature, _ = random_problem((9,), 19, 80, torch.float32, DEVICE, requires_grad=False)
+    cfg = configs.get_config(19, 80, torch.float32, DEVICE)
+    y = sk.soft_vq(x, codebook, temperature, backend="triton")
+    y_ref = sk.soft_vq(x.double(), codebook.double(), temperature.double(), backend="reference")
+    assert rel_err(y, y_ref) < REL_TOL[torch.float32]
+    assert (len(calls) > 0) == (triton_next_pow2(80) > cfg.fused_max_d)
+
+
+def test_split_and_chunk_arithmetic():
+    cfg = configs.KernelConfig(block_t=16, block_v=16, min_programs=8)
+    per_split, n_split = fwd_mod._num_splits(cfg, 20, 100, torch.device("cpu"))  # 2 t-blocks, 7 v-tiles
+    assert n_split * 2 >= 8 or per_split == 1
+    assert (n_split - 1) * per_split < 7 <= n_split * per_split  # every split non-empty, all tiles covered
+    assert fwd_mod._num_splits(configs.KernelConfig(block_t=16, block_v=16, min_programs=1), 20, 100, torch.device("cpu")) == (7, 1)
+    width = fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=20 * 4 * 40), 20, 100, 4)
+    assert width == 32 and width % 16 == 0
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1), 20, 100, 4) == 16
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=2**30), 20, 100, 4) == 112
+
+
+def test_config_table_lookup_and_cache():
+    configs.clear_cache()
+    cuda = torch.device("cuda")
+    for (V, d, dtype), entry in configs.TABLE.items():
+        assert configs.get_config(V, d, dtype, cuda) is entry
+    key = (128256, 4096, torch.bfloat16, "cuda")
+    assert configs.cache_info()[key] is configs.TABLE[key[:3]]
+    # Off-table keys fall back to a rule by d and dtype, and are cached too.
+    small = configs.get_config(1000, 128, torch.float16, cuda)
+    large = configs.get_config(1000, 3000, torch.float16, cuda)
+    fp32 = configs.get_config(1000, 128, torch.float32, cuda)
+    assert triton_next_pow2(128) <= small.fused_max_d < triton_next_pow2(3000) and large.fused_max_d < 3000
+    assert fp32.mm_block_n <= small.mm_block_n
+    assert (1000, 3000, torch.float16, "cuda") in configs.cache_info()
+    assert configs.get_config(1000, 3000, torch.float16, cuda) is large
+    cpu = configs.get_config(1000, 128, torch.float32, torch.device("cpu"))
+    assert cpu.block_t >= 16 and cpu.mm_num_stages >= 1
+    with configs.override(block_t=16, fused_max_d=0) as forced:
+        assert configs.get_config(32000, 256, torch.bfloat16, cuda) is forced and forced.block_t == 16
+    assert configs.get_config(32000, 256, torch.bfloat16, cuda) is configs.TABLE[(32000, 256, torch.bfloat16)]
+    configs.clear_cache()
+    assert configs.cache_info() == {}
+
+
+def test_tune_picks_the_fastest_runnable_candidate_and_caches_it():
+    import time
+
+    def wall_ms(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    good = dataclasses.replace(configs.get_config(40, 24, torch.float32, DEVICE), **TINY)
+    broken = dataclasses.replace(good, block_t=12)  # not a power of two: fails to launch
+    configs.clear_cache()
+    best, timings = configs.tune(20, 40, 24, torch.float32, [broken, good], device=DEVICE, bench=wall_ms)
+    assert best is good and timings[0][1] == float("inf") and math.isfinite(timings[1][1])
+    assert configs.get_config(40, 24, torch.float32, DEVICE) is good
+    configs.clear_cache()
+
+
+def test_config_file_from_environment(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"777,48,bfloat16": {"block_t": 32, "block_v": 128, "fused_max_d": 0}}))
+    monkeypatch.setenv("SOFTVQ_TRITON_CONFIGS", str(path))
+    monkeypatch.setattr(configs, "_env_loaded", False)
+    monkeypatch.setattr(configs, "TABLE", dict(configs.TABLE))
+    configs.clear_cache()
+    config = configs.get_config(777, 48, torch.bfloat16, torch.device("cuda"))
+    assert (config.block_t, config.block_v, config.fused_max_d) == (32, 128, 0)
+    configs.clear_cache()
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU only: real shapes, the kernel's error against fp64 must not exceed eager PyTorch's in the same dtype.
+
+
+def _eager_same_dtype(x, codebook, temperature, distance, upstream):
+    """The naive PyTorch op computed in the inputs' dtype (scores, softmax and product in bf16/fp32)."""
+    from softvq_kernels.reference import scores
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, codebook, temperature)]
+    x_, c_, t_ = leaves
+    y = scores(x_, c_, t_.to(x_.dtype), distance).softmax(dim=-1) @ c_
+    grads = torch.autograd.grad((y.float() * upstream).sum(), leaves)
+    return y, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("T, V, d", [(2048, 32000, 256), (1024, 16384, 2048)])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_gpu_error_not_worse_than_eager(dtype, T, V, d, distance):
+    torch.manual_seed(0)
+    x = torch.randn(T, d, device="cuda").to(dtype).requires_grad_()
+    codebook = (torch.randn(V, d, device="cuda") / d**0.25).to(dtype).requires_grad_()
+    temperature = torch.tensor(float(d) ** 0.5 / 4, device="cuda", requires_grad=True)
+    upstream = torch.randn(T, d, device="cuda")
+    y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=None, backend="triton", upstream=upstream)
+    y_eager, grads_eager = _eager_same_dtype(x, codebook, temperature, distance, upstream)
+    y_ref, _, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=None, upstream=upstream)
+    slack = {torch.bfloat16: 2e-3, torch.float32: 1e-5}[dtype]
+    pairs = [("y", y, y_eager, y_ref)] + [
+        (name, g, ge, gr) for name, g, ge, gr in zip(("x", "codebook", "temperature"), grads, grads_eager, grads_ref)
+    ]
+    for name, got, eager, ref in pairs:
+        err, err_eager = rel_err(got, ref), rel_err(eager, ref)
+        assert err <= 1.25 * err_eager + slack, f"{name}: triton {err:.3e} vs eager {err_eager:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_staged_and_fused_agree_at_small_d():
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    codebook = torch.randn(32000, 256, device="cuda", dtype=torch.bfloat16) / 4
+    outs = []
+    for fused_max_d in (256, 0):
+        base = configs.get_config(32000, 256, torch.bfloat16, torch.device("cuda"))
+        with configs.override(base, fused_max_d=fused_max_d):
+            outs.append(sk.soft_vq(x, codebook, 4.0, backend="triton", return_aux=True))
+    (y0, a0), (y1, a1) = outs
+    assert rel_err(y0, y1) < 1e-2
+    assert (a0.indices == a1.indices).float().mean() > 0.999
