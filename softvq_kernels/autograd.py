@@ -13,9 +13,14 @@ from softvq_kernels.reference import COSINE_EPS, accumulation_dtype
 
 
 def _normalise_rows(t: torch.Tensor):
-    """t: (N, d) -> (t / max(||t||, eps), the clamped norms (N, 1))."""
-    norms = t.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-    return t / norms, norms
+    """t: (N, d) -> (t / max(||t||, eps) in t's dtype, the clamped norms (N, 1) in fp32/fp64).
+
+    The norms accumulate in fp32 and the division rounds once into t's dtype, so 16-bit inputs stay
+    16-bit for the backend's tensor-core products and no fp32 copy of a (V, d) codebook is made.
+    """
+    norms = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=accumulation_dtype(t.dtype))
+    norms = norms.clamp_min(COSINE_EPS)
+    return torch.div(t, norms, out=torch.empty_like(t)), norms
 
 
 def _normalise_rows_backward(grad_hat, t_hat, norms):
@@ -35,8 +40,8 @@ class _Prepared:
         self.frames = x if self.rows is None else x.index_select(0, self.rows)
         self.x_norms = self.key_norms = None
         if distance == "cosine":
-            self.frames, self.x_norms = _normalise_rows(self.frames.to(self.acc))
-            self.keys, self.key_norms = _normalise_rows(codebook.to(self.acc))
+            self.frames, self.x_norms = _normalise_rows(self.frames)
+            self.keys, self.key_norms = _normalise_rows(codebook)
         else:
             self.keys = codebook
         self.l2 = distance == "l2"
