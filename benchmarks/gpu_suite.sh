@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU session's one command for the Triton backend (issue 3): install, GPU tests, tuning, benchmarks.
+# The GPU session's one command for the fused backends (Triton, issue 3; CUDA C++, issue 6):
+# install (builds softvq_kernels._cuda, about a minute), GPU tests, Triton tuning, benchmarks.
 #
 #   bash benchmarks/gpu_suite.sh                 # every stage: tests tune bench big
 #   bash benchmarks/gpu_suite.sh tests           # or any subset, in order (each fits one 10-minute call)
@@ -39,9 +40,8 @@ for stage in $STAGES; do
   case "$stage" in
     tests)
       log="$RESULTS/gpu-tests-$STAMP.log"
-      "$PY" -m pytest tests/test_triton.py -q -rs --durations=15 2>&1 | tee "$log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      "$PY" -m pytest tests/test_backends.py -k triton -q -rs 2>&1 | tee -a "$log"
+      "$PY" -m pytest tests/test_triton.py tests/test_cuda.py tests/test_backends.py tests/test_op.py \
+        tests/test_module.py -q -rs --durations=15 2>&1 | tee "$log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       out "$log"
       ;;
