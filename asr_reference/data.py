@@ -1,0 +1,278 @@
+"""Text normalisation, espeak-ng synthesis, noise, sentence-level splits and NeMo-style manifests.
+
+A manifest is JSON lines: ``{"audio_filepath": "...", "text": "...", "duration": 1.23}`` with 16 kHz
+mono WAV audio (relative paths are resolved against the manifest's folder). Every command reads
+manifests through :func:`read_manifest`, which names the file and line of anything wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchaudio.functional as AF
+
+SAMPLE_RATE = 16000
+
+
+class ManifestError(ValueError):
+    """A manifest line that cannot be used; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------- text
+_PUNCT = re.compile(r"[^a-z0-9' ]+")
+
+
+def normalize_text(text: str) -> str:
+    """ASR normalisation: lower case, hyphens to spaces, punctuation dropped, single spaces."""
+    text = text.lower().replace("-", " ").replace("’", "'")
+    text = _PUNCT.sub(" ", text)
+    text = re.sub(r"\s*'\s*(?![a-z])|(?<![a-z])'", " ", text)  # keep only word-internal apostrophes
+    return " ".join(text.split())
+
+
+def read_sentences(path: str | Path, min_words: int = 2, max_words: int = 14) -> list[str]:
+    """Sentences from a text file: one per line if lines look like sentences, else split at . ! ?.
+
+    Lines starting with '#' are comments. Returns normalised, de-duplicated sentences in file order.
+    """
+    raw = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if not ln.startswith("#")]
+    body = "\n".join(raw)
+    pieces = raw if sum(len(ln) < 200 for ln in raw if ln.strip()) > 0.9 * max(1, sum(1 for ln in raw if ln.strip())) \
+        else re.split(r"(?<=[.!?])\s+", body.replace("\n", " "))
+    out: dict[str, None] = {}
+    for piece in pieces:
+        s = normalize_text(piece)
+        if min_words <= len(s.split()) <= max_words:
+            out.setdefault(s, None)
+    return list(out)
+
+
+def split_sentences(sentences: list[str], n_dev: int, n_test: int, seed: int = 0):
+    """Disjoint train/dev/test sentence lists (split by sentence, so no text is shared)."""
+    order = list(sentences)
+    random.Random(seed).shuffle(order)
+    if n_dev + n_test >= len(order):
+        raise ValueError(f"need more than {n_dev + n_test} sentences for dev+test, got {len(order)}")
+    return order[n_dev + n_test:], order[:n_dev], order[n_dev:n_dev + n_test]
+
+
+# ---------------------------------------------------------------------------------------------- audio
+def write_wav(path: str | Path, audio: torch.Tensor, sr: int = SAMPLE_RATE) -> None:
+    pcm = (audio.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes()
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes(pcm)
+
+
+def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Mono float32 waveform in [-1, 1] and its sample rate (16-bit PCM WAV; stereo is averaged)."""
+    with wave.open(str(path), "rb") as f:
+        sr, ch, width, n = f.getframerate(), f.getnchannels(), f.getsampwidth(), f.getnframes()
+        data = f.readframes(n)
+    if width != 2:
+        raise ValueError(f"{path}: only 16-bit PCM WAV is supported, got {8 * width}-bit")
+    audio = torch.frombuffer(bytearray(data), dtype=torch.int16).float() / 32768.0
+    if ch > 1:
+        audio = audio.view(-1, ch).mean(1)
+    return audio, sr
+
+
+def wav_info(path: str | Path) -> tuple[int, int]:
+    """(sample rate, number of frames) from the WAV header."""
+    with wave.open(str(path), "rb") as f:
+        return f.getframerate(), f.getnframes()
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One espeak-ng rendering condition."""
+
+    name: str  # espeak-ng voice, e.g. "en-us+m3"
+    rate: int = 165  # words per minute
+    pitch: int = 50  # 0..99
+    snr_db: float | None = None  # additive noise, None = clean
+
+
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text: str, voice: Voice, seed: int = 0) -> torch.Tensor:
+    """espeak-ng speech for ``text`` as a 16 kHz float waveform (noise added when voice.snr_db is set)."""
+    if not espeak_available():
+        raise RuntimeError("espeak-ng is not installed: apt-get install -y espeak-ng")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+        subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(voice.rate), "-p", str(voice.pitch),
+                        "-w", tmp.name, text], check=True, capture_output=True)
+        audio, sr = read_wav(tmp.name)
+    audio = AF.resample(audio, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else audio
+    if voice.snr_db is not None:
+        audio = add_noise(audio, voice.snr_db, torch.Generator().manual_seed(seed))
+    peak = audio.abs().max().clamp_min(1e-6)
+    return audio * min(1.0, 0.95 / float(peak))
+
+
+def add_noise(audio: torch.Tensor, snr_db: float, gen: torch.Generator) -> torch.Tensor:
+    """White-ish noise (lightly low-passed, so it is not trivially out of band) at ``snr_db``."""
+    noise = torch.randn(audio.shape, generator=gen)
+    noise = AF.lowpass_biquad(noise, SAMPLE_RATE, 4000.0)
+    p_sig = audio.pow(2).mean().clamp_min(1e-10)
+    p_noise = noise.pow(2).mean().clamp_min(1e-10)
+    return audio + noise * torch.sqrt(p_sig / (p_noise * 10 ** (snr_db / 10)))
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def write_manifest(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read_manifest(path: str | Path, check_audio: bool = True, sample_rate: int = SAMPLE_RATE) -> list[dict]:
+    """Rows of a JSON-lines manifest, validated; errors say ``FILE:LINE: what is wrong``.
+
+    Relative audio paths are resolved against the manifest's folder. With ``check_audio`` each WAV
+    header is read: the file must exist and be ``sample_rate`` Hz.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in ("audio_filepath", "text"):
+            if key not in row:
+                raise ManifestError(f"{where}: missing key {key!r}")
+        text = row["text"]
+        if not isinstance(text, str) or not normalize_text(text):
+            raise ManifestError(f"{where}: empty text for {row['audio_filepath']}")
+        audio = Path(row["audio_filepath"])
+        if not audio.is_absolute():
+            audio = path.parent / audio
+        if check_audio:
+            if not audio.is_file():
+                raise ManifestError(f"{where}: audio file not found: {audio}")
+            try:
+                sr, frames = wav_info(audio)
+            except (wave.Error, EOFError) as exc:
+                raise ManifestError(f"{where}: cannot read WAV {audio} ({exc})") from None
+            if sr != sample_rate:
+                raise ManifestError(f"{where}: {audio} has sample rate {sr} Hz, expected {sample_rate} Hz "
+                                    f"(resample it, e.g. sox in.wav -r {sample_rate} out.wav)")
+            if frames == 0:
+                raise ManifestError(f"{where}: {audio} has no samples")
+        rows.append({"audio_filepath": str(audio), "text": text,
+                     "duration": float(row.get("duration", 0.0))})
+    if not rows:
+        raise ManifestError(f"{path}: manifest has no entries")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- conditions
+# In-domain: two American-English voices at normal rate and pitch (the only ones training sees).
+IN_DOMAIN = (Voice("en-us+m3"), Voice("en-us+f2"))
+OUT_OF_DOMAIN = {
+    # other voices and accents
+    "test_ood_accent": (Voice("en-gb-scotland+m1"), Voice("en-029+f3"), Voice("en-gb-x-rp+m7")),
+    # in-domain voices, faster/slower and higher/lower pitched
+    "test_ood_rate": (Voice("en-us+m3", rate=230, pitch=30), Voice("en-us+f2", rate=120, pitch=75)),
+    # in-domain voices with additive noise at a few SNRs
+    "test_ood_noise": (Voice("en-us+m3", snr_db=20), Voice("en-us+f2", snr_db=10), Voice("en-us+m3", snr_db=5)),
+}
+
+
+def _render(job):
+    text, voice, out, seed = job
+    audio = synthesize(text, voice, seed)
+    write_wav(out, audio)
+    return {"audio_filepath": str(out), "text": text, "duration": round(audio.numel() / SAMPLE_RATE, 3)}
+
+
+def render_set(sentences: list[str], voices, out_dir: Path, name: str, workers: int = 4,
+               all_voices: bool = False, seed: int = 0) -> list[dict]:
+    """Synthesise a set: each sentence with one voice (round robin) or with every voice."""
+    wav_dir = out_dir / "wav" / name
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i, text in enumerate(sentences):
+        chosen = voices if all_voices else (voices[i % len(voices)],)
+        for j, v in enumerate(chosen):
+            jobs.append((text, v, wav_dir / f"{i:05d}_{j}.wav", seed * 1_000_003 + i * 31 + j))
+    with ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(_render, jobs))
+    for row in rows:  # paths relative to the manifest's folder: the data folder can be moved
+        row["audio_filepath"] = str(Path(row["audio_filepath"]).relative_to(out_dir))
+    write_manifest(out_dir / f"{name}.jsonl", rows)
+    return rows
+
+
+def prepare(out_dir: str | Path, text_file: str | Path | None = None, n_train: int = 2400,
+            n_dev: int = 100, n_test: int = 120, seed: int = 0, workers: int = 4,
+            log=print) -> dict[str, Path]:
+    """Make the whole data set: text splits, in-domain train/dev/test and the out-of-domain tests.
+
+    Writes ``out_dir/{train,dev,test_in,test_ood_*}.jsonl``, ``out_dir/wav/...`` and the text files
+    ``lm_train.txt`` (every sentence not in dev/test, for LM pretraining) and ``splits.json``.
+    """
+    from asr_reference.corpus import CORPUS_FILE
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sentences = read_sentences(text_file or CORPUS_FILE)
+    train_all, dev, test = split_sentences(sentences, n_dev, n_test, seed)
+    train = train_all[:n_train]
+    (out_dir / "lm_train.txt").write_text("\n".join(train_all) + "\n", encoding="utf-8")
+    manifests = {}
+    log(f"prepare: {len(sentences)} sentences -> train {len(train)} (LM text {len(train_all)}), "
+        f"dev {len(dev)}, test {len(test)}; synthesising with espeak-ng")
+    render_set(train, IN_DOMAIN, out_dir, "train", workers, seed=seed)
+    render_set(dev, IN_DOMAIN, out_dir, "dev", workers, seed=seed + 1)
+    render_set(test, IN_DOMAIN, out_dir, "test_in", workers, seed=seed + 2)
+    for k, (name, voices) in enumerate(OUT_OF_DOMAIN.items()):
+        render_set(test, voices, out_dir, name, workers, seed=seed + 3 + k)
+    for name in ("train", "dev", "test_in", *OUT_OF_DOMAIN):
+        manifests[name] = out_dir / f"{name}.jsonl"
+    (out_dir / "splits.json").write_text(json.dumps(
+        {"source": str(text_file or CORPUS_FILE), "train": len(train), "dev": len(dev), "test": len(test),
+         "in_domain": [v.__dict__ for v in IN_DOMAIN],
+         "out_of_domain": {k: [v.__dict__ for v in vs] for k, vs in OUT_OF_DOMAIN.items()}}, indent=1))
+    hours = sum(json.loads(l)["duration"] for l in open(manifests["train"])) / 3600
+    log(f"prepare: wrote {len(manifests)} manifests to {out_dir} ({hours:.2f} h of training audio)")
+    return manifests
+
+
+def test_sets(data_dir: str | Path) -> dict[str, Path]:
+    """The test manifests of a prepared folder, in-domain first."""
+    data_dir = Path(data_dir)
+    names = ["test_in", *OUT_OF_DOMAIN]
+    return {n: data_dir / f"{n}.jsonl" for n in names if (data_dir / f"{n}.jsonl").is_file()}
+
+
+def snr_check(clean: torch.Tensor, noisy: torch.Tensor) -> float:
+    """Measured SNR in dB (used by the tests)."""
+    noise = noisy - clean
+    return 10 * math.log10(float(clean.pow(2).mean()) / max(float(noise.pow(2).mean()), 1e-12))

@@ -1,0 +1,291 @@
+"""LLM-ASR: log-mel -> Conformer encoder -> projector -> SoftVQ (codebook = LLM input embeddings) -> frozen LLM.
+
+The LLM sees ``[<s>] [audio embeddings] transcript: <text> </s>`` and is trained (encoder, projector,
+VQ codebook/temperature and, with ``lora_rank > 0``, LoRA adapters; the LLM's own weights stay frozen) with the next-token loss on ``<text> </s>``. An optional
+CTC loss on the encoder output (blank = the pad token) speeds up alignment learning on small data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asr_reference.features import LogMel, SpecAugment
+from asr_reference.lm import PROMPT, encode, special_ids
+
+VQ_MODES = ("none", "hard", "soft")
+CTC_CHARS = " 'abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def ctc_chars(text: str) -> list[int]:
+    """Character CTC targets (blank = 0) of a normalised transcript."""
+    from asr_reference.data import normalize_text
+
+    return [CTC_CHARS.index(c) + 1 for c in normalize_text(text) if c in CTC_CHARS]
+
+
+@dataclass
+class ASRConfig:
+    llm: str = ""  # path of the HF causal-LM folder
+    vq: str = "soft"  # none | hard | soft
+    n_mels: int = 80
+    enc_dim: int = 144
+    enc_layers: int = 3
+    enc_heads: int = 4
+    enc_kernel: int = 15
+    sub_channels: int = 32
+    dropout: float = 0.1
+    stack: int = 3  # frames stacked by the projector (encoder frames are 40 ms -> 120 ms)
+    proj_hidden: int = 512
+    distance: str = "cosine"  # scores against the codebook: cosine (scale-free) | l2 | dot
+    temperature: float = 0.1  # tau; for l2 it is relative: tau = temperature * mean squared row norm
+    learnable_temperature: bool = True
+    commitment_weight: float = 0.25
+    vq_backend: str = "auto"
+    ctc_weight: float = 0.5
+    lora_rank: int = 0  # > 0: LoRA adapters on the LLM's linear layers (the base weights stay frozen)
+    lora_alpha: float = 16.0
+    ctc_units: str = "chars"  # auxiliary CTC targets: "chars" (a-z, digits, ' and space) or "tokens" (LLM BPE)
+    specaug: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConvSubsample(nn.Module):
+    """Two stride-2 3x3 convolutions: 10 ms frames -> 40 ms frames."""
+
+    def __init__(self, n_mels: int, channels: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2, 1), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, 2, 1), nn.GELU())
+        self.out = nn.Linear(channels * ((((n_mels - 1) // 2 + 1) - 1) // 2 + 1), out_dim)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor):
+        x = self.conv(feats.unsqueeze(1))  # (b, c, t/4, f/4)
+        x = self.out(x.permute(0, 2, 1, 3).flatten(2))
+        for _ in range(2):
+            lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+        lengths = lengths.clamp(min=1, max=x.shape[1])
+        return x[:, : int(lengths.max())], lengths  # a sub-batch may be shorter than its padding
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ASRConfig):
+        super().__init__()
+        from torchaudio.models import Conformer
+
+        self.sub = ConvSubsample(cfg.n_mels, cfg.sub_channels, cfg.enc_dim)
+        self.conformer = Conformer(input_dim=cfg.enc_dim, num_heads=cfg.enc_heads, ffn_dim=4 * cfg.enc_dim,
+                                   num_layers=cfg.enc_layers, depthwise_conv_kernel_size=cfg.enc_kernel,
+                                   dropout=cfg.dropout)
+
+    def forward(self, feats, lengths):
+        x, lengths = self.sub(feats, lengths)
+        x, lengths = self.conformer(x, lengths)
+        return x, lengths
+
+
+class Projector(nn.Module):
+    """Stack ``k`` consecutive frames and map them with a 2-layer MLP to the LLM width."""
+
+    def __init__(self, in_dim: int, out_dim: int, k: int, hidden: int):
+        super().__init__()
+        self.k = k
+        self.mlp = nn.Sequential(nn.Linear(in_dim * k, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x, lengths):
+        b, t, d = x.shape
+        pad = (-t) % self.k
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = x.reshape(b, (t + pad) // self.k, d * self.k)
+        return self.mlp(x), torch.div(lengths + self.k - 1, self.k, rounding_mode="floor")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * x A^T B^T`` with ``base`` frozen and B initialised to zero."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.randn(r, base.in_features) / base.in_features ** 0.5)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scale
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: nn.Module, r: int, alpha: float) -> int:
+    """Wrap the attention/MLP projections of an HF decoder in LoRA adapters; returns how many."""
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha))
+                n += 1
+    return n
+
+
+def lengths_to_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.arange(n, device=lengths.device)[None] < lengths[:, None]
+
+
+class LLMASR(nn.Module):
+    def __init__(self, cfg: ASRConfig, llm: nn.Module, tokenizer):
+        super().__init__()
+        if cfg.vq not in VQ_MODES:
+            raise ValueError(f"vq must be one of {VQ_MODES}, got {cfg.vq!r}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id = special_ids(tokenizer)
+        self.blank_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+        self.features = LogMel(cfg.n_mels)
+        self.specaug = SpecAugment()
+        self.encoder = Encoder(cfg)
+        emb = llm.get_input_embeddings()
+        d_llm = emb.weight.shape[1]
+        self.projector = Projector(cfg.enc_dim, d_llm, cfg.stack, cfg.proj_hidden)
+        # projector outputs are scaled to the typical norm of the embedding rows (in every VQ mode), so
+        # the LLM gets inputs of the scale it knows and hard-VQ commitment stays bounded
+        self.register_buffer("target_norm", emb.weight.detach().float().norm(dim=1).mean().reshape(()))
+        n_units = len(CTC_CHARS) + 1 if cfg.ctc_units == "chars" else emb.weight.shape[0]
+        self.ctc_head = nn.Linear(cfg.enc_dim, n_units) if cfg.ctc_weight > 0 else None
+        self.vq = None
+        if cfg.vq != "none":
+            from softvq_kernels import SoftVQ
+
+            table = emb.weight.detach().float()
+            tau = cfg.temperature * (float(table.pow(2).sum(1).mean()) if cfg.distance == "l2" else 1.0)
+            self.vq = SoftVQ.from_embedding(emb, temperature=tau, mode=cfg.vq, distance=cfg.distance,
+                                            learnable_codebook=True,
+                                            learnable_temperature=cfg.learnable_temperature and cfg.vq == "soft",
+                                            commitment_weight=cfg.commitment_weight, backend=cfg.vq_backend)
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        if cfg.lora_rank > 0 and add_lora(llm, cfg.lora_rank, cfg.lora_alpha) == 0:
+            raise ValueError("lora_rank > 0 but the LLM has none of the layers " + ", ".join(LORA_TARGETS))
+        llm.eval()
+        self.llm = llm
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def embed_audio(self, wav: torch.Tensor, wav_lens: torch.Tensor):
+        """Audio -> (LLM-width embeddings (b, n, d), lengths (b,), aux dict)."""
+        feats, flen = self.features(wav, wav_lens)
+        if self.cfg.specaug:
+            feats = self.specaug(feats)
+        enc, elen = self.encoder(feats, flen)
+        proj, plen = self.projector(enc, elen)
+        proj = proj * (self.target_norm / proj.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(proj.dtype)
+        aux = {"enc": enc, "enc_lens": elen}
+        if self.vq is not None:
+            mask = lengths_to_mask(plen, proj.shape[1])
+            with torch.autocast(proj.device.type, enabled=False):
+                out = self.vq(proj.float(), mask=mask)
+            proj = out.quantized
+            aux["vq_loss"] = out.loss
+            aux["perplexity"] = out.perplexity
+        return proj, plen, aux
+
+    def _token_embeds(self, ids: list[int], device) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=device))
+
+    def build_inputs(self, audio: torch.Tensor, alens: torch.Tensor, texts: list[str] | None):
+        """Right-padded (embeds, attention mask, labels) for training, or left-padded prefixes for
+        generation when ``texts`` is None."""
+        device = audio.device
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        prefix = self._token_embeds(([self.bos_id] if self.bos_id is not None else []), device)
+        prompt = self._token_embeds(self.prompt_ids, device)
+        seqs, labs = [], []
+        for i in range(audio.shape[0]):
+            parts = [prefix, audio[i, : int(alens[i])].to(dtype), prompt]
+            n_ctx = sum(p.shape[0] for p in parts)
+            if texts is not None:
+                ids = encode(self.tokenizer, texts[i]) + [self.eos_id]
+                parts.append(self._token_embeds(ids, device))
+                labs.append([-100] * n_ctx + ids)
+            seqs.append(torch.cat(parts))
+        n = max(s.shape[0] for s in seqs)
+        d = seqs[0].shape[1]
+        embeds = seqs[0].new_zeros(len(seqs), n, d)
+        attn = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            if texts is not None:  # right padding
+                embeds[i, : s.shape[0]] = s
+                attn[i, : s.shape[0]] = 1
+                labels[i, : s.shape[0]] = torch.tensor(labs[i], device=device)
+            else:  # left padding for generation
+                embeds[i, n - s.shape[0]:] = s
+                attn[i, n - s.shape[0]:] = 1
+        return embeds, attn, labels
+
+    def forward(self, wav, wav_lens, texts: list[str]):
+        audio, alens, aux = self.embed_audio(wav, wav_lens)
+        embeds, attn, labels = self.build_inputs(audio, alens, texts)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attn).logits
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = ce
+        out = {"ce": ce.detach()}
+        if self.ctc_head is not None:
+            if self.cfg.ctc_units == "chars":
+                targets = [torch.tensor(ctc_chars(t), dtype=torch.long) for t in texts]
+                blank = 0
+            else:
+                targets = [torch.tensor(encode(self.tokenizer, t), dtype=torch.long) for t in texts]
+                blank = self.blank_id
+            tlens = torch.tensor([len(t) for t in targets])
+            logp = self.ctc_head(aux["enc"]).float().log_softmax(-1).transpose(0, 1)
+            ctc = F.ctc_loss(logp, torch.cat(targets).to(wav.device), aux["enc_lens"], tlens.to(wav.device),
+                             blank=blank, zero_infinity=True)
+            loss = loss + self.cfg.ctc_weight * ctc
+            out["ctc"] = ctc.detach()
+        if "vq_loss" in aux:
+            loss = loss + aux["vq_loss"]
+            out["vq"] = aux["vq_loss"].detach()
+            out["ppl"] = torch.as_tensor(aux["perplexity"]).detach().float()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def transcribe(self, wav, wav_lens, num_beams: int = 1, max_new_tokens: int = 48) -> list[str]:
+        audio, alens, _ = self.embed_audio(wav, wav_lens)
+        embeds, attn, _ = self.build_inputs(audio, alens, None)
+        gen = self.llm.generate(inputs_embeds=embeds, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
+                                pad_token_id=self.tokenizer.pad_token_id or self.eos_id)
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+
+    def trainable_state(self) -> dict:
+        """Everything but the frozen LLM (which is reloaded from cfg.llm)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.") or ".lora_" in k}
+
+
+def build_model(cfg: ASRConfig, device: str = "cpu") -> LLMASR:
+    from asr_reference.lm import load_lm
+
+    llm, tokenizer = load_lm(cfg.llm, device)
+    return LLMASR(cfg, llm, tokenizer).to(device)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, train
+
+
