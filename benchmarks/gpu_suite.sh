@@ -2,17 +2,20 @@
 # The GPU session's one command for the fused backends (Triton, issue 3; CUDA C++, issue 6):
 # install (builds softvq_kernels._cuda, about a minute), GPU tests, Triton tuning, benchmarks.
 #
-#   bash benchmarks/gpu_suite.sh                 # every stage: tests tune bench big
+#   bash benchmarks/gpu_suite.sh                 # every stage: tests tune small bench big
 #   bash benchmarks/gpu_suite.sh tests           # or any subset, in order (each fits one 10-minute call)
 #
 # Writes to benchmarks/results/ (and copies to $OUT when set): gpu-tests-<stamp>.log,
-# triton-tuned-<stamp>.json (+ -report.json), h200-bf16-<stamp>.json/.png, h200-bf16-T65536-<stamp>.json/.png.
-# The bench stage uses the newest tuned file from the tune stage (SOFTVQ_TRITON_CONFIGS) when there is one.
+# triton-tuned-<stamp>.json (+ -report.json), h200-bf16-d256-<stamp>.json/.png (4096x32000x256 with
+# torch.compile), h200-bf16-<stamp>.json/.png (the four reference shapes), h200-bf16-T65536-<stamp>.json/.png.
+# The bench stages use the newest tuned file from the tune stage (SOFTVQ_TRITON_CONFIGS) when there is one.
+# REPS (default 10) sets the timed repetitions; TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 shorten the build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-STAGES=${*:-tests tune bench big}
+STAGES=${*:-tests tune small bench big}
+REPS=${REPS:-10}
 RESULTS=benchmarks/results
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 SHAPES=4096x32000x256,8192x151936x896,8192x128256x2048,4096x128256x4096
@@ -60,11 +63,19 @@ for shape, rows in report.items():
 EOF
       out "$tuned" "${tuned%.json}-report.json"
       ;;
+    small)  # the d = 256 target is also against torch.compile, which compiles per shape (slow): one shape
+      tuned=$(ls -t "$RESULTS"/triton-tuned-*.json 2>/dev/null | grep -v report | head -n 1)
+      [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
+      "$PY" -m benchmarks.bench_op --device cuda --dtype bfloat16 --shapes 4096x32000x256 \
+        --impls eager,compile,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
+        --out "$RESULTS/h200-bf16-d256-$STAMP.json" --plot "$RESULTS/h200-bf16-d256-$STAMP.png" || status=1
+      out "$RESULTS/h200-bf16-d256-$STAMP.json" "$RESULTS/h200-bf16-d256-$STAMP.png"
+      ;;
     bench)
       tuned=$(ls -t "$RESULTS"/triton-tuned-*.json 2>/dev/null | grep -v report | head -n 1)
       [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
       "$PY" -m benchmarks.bench_op --device cuda --dtype bfloat16 --shapes "$SHAPES" \
-        --impls eager,compile,chunked,triton,cuda --modes fwd,fwdbwd \
+        --impls eager,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
         --out "$RESULTS/h200-bf16-$STAMP.json" --plot "$RESULTS/h200-bf16-$STAMP.png" || status=1
       out "$RESULTS/h200-bf16-$STAMP.json" "$RESULTS/h200-bf16-$STAMP.png"
       ;;

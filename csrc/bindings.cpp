@@ -174,9 +174,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> backwa
   at::Tensor grad_values = at::zeros({V, d}, f32);
   at::Tensor grad_keys = in.shared ? grad_values : at::zeros({V, d}, f32);
   at::Tensor dtau_acc = at::zeros({1}, in.x.options().dtype(at::kDouble));
+  at::Tensor rowsum = at::zeros({T}, f32);
+  at::Tensor row_p_u = at::zeros({T}, f32);
   auto finish = [&]() -> std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> {
-    // sum dS * s = sum dS * log p (sum_v dS_tv = 0), accumulated in fp64 by the kernel.
-    at::Tensor grad_tau = (-(dtau_acc.to(at::kFloat) / tau)).reshape({});
+    // dtau is a covariance under p, often far smaller than its terms (near-uniform p), so the kernel sums
+    // dS * u over centred scores u = log p + log V (any per-row shift is exact: sum_v dS = 0), and the part
+    // of dS that does not sum to zero in floating point (delta from the forward's rounded y, dS from the
+    // recomputed p) is taken off: sum dS u - sum_t (sum_v dS_tv)(sum_v p_tv u_tv). One-hot rows give 0.
+    at::Tensor correction = at::dot(rowsum.to(at::kDouble), row_p_u.to(at::kDouble));
+    at::Tensor grad_tau = (-((dtau_acc - correction).to(at::kFloat) / tau)).reshape({});
     return {grad_x, in.shared ? std::nullopt : std::optional<at::Tensor>(grad_keys), grad_values, grad_tau};
   };
   if (T == 0 || V == 0) return finish();
@@ -188,7 +194,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> backwa
   at::Tensor lse_f = lse.to(at::kFloat).contiguous();
   at::Tensor key_factor = (l2 ? 2.0 : 1.0) / tau;  // (1,) fp32 on the device: d a / d <x, k>
   at::Tensor colsum = l2 ? at::zeros({V}, f32) : at::Tensor();
-  at::Tensor rowsum = at::zeros({T}, f32);
+  const float log_v = static_cast<float>(std::log(static_cast<double>(V)));
 
   const int64_t width = chunk_width(T, V, in.x.element_size(), 2);
   at::Tensor P = at::empty({T, width}, in.x.options());
@@ -202,7 +208,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> backwa
                           l2 ? key_sq.data_ptr<float>() : nullptr, l2 ? frame_sq.data_ptr<float>() : nullptr,
                           tau.data_ptr<float>(), lse_f.data_ptr<float>(), delta.data_ptr<float>(), T, V, d, c0, w,
                           P.data_ptr(), dS.data_ptr(), width, l2 ? colsum.data_ptr<float>() : nullptr,
-                          rowsum.data_ptr<float>(), dtau_acc.data_ptr<double>(), l2, stream);
+                          rowsum.data_ptr<float>(), row_p_u.data_ptr<float>(), dtau_acc.data_ptr<double>(), log_v,
+                          l2, stream);
     // dx += (k / tau) dS K_chunk: A(t, v) = dS[t, v], B(j, v) = K[c0 + v, j].
     softvq::gemm(dt, T, d, w, softvq::Operand{dS.data_ptr(), width, 1},
                  softvq::Operand{keys_ptr + c0 * row_bytes, 1, d}, grad_x.data_ptr<float>(), d, 1.f, kf, c0 > 0,

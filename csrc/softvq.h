@@ -47,7 +47,8 @@ void probs_chunk(DType dt, const void* x, const void* keys, const float* key_sq_
 void dscores_chunk(DType dt, const void* x, const void* grad_y, const void* keys, const void* values,
                    const float* key_sq_norms, const float* frame_sq_norms, const float* tau, const float* lse,
                    const float* delta, int64_t T, int64_t V, int64_t d, int64_t c0, int64_t width, void* P, void* dS,
-                   int64_t ldw, float* colsum_ds, float* rowsum_ds, double* dtau_acc, bool l2, cudaStream_t stream);
+                   int64_t ldw, float* colsum_ds, float* rowsum_ds, float* row_p_u, double* dtau_acc, float log_v,
+                   bool l2, cudaStream_t stream);
 
 // C[m, n] (fp32, leading dimension ldc) = scale * sum_k A(m, k) B(n, k) (+ C[m, n] when accumulate),
 // where scale = alpha * (*alpha_ptr) when alpha_ptr is not null, else alpha. Tensor cores.

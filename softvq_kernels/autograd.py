@@ -113,6 +113,11 @@ def fused_backward(grad_y, x, codebook, tau, mask, y, lse, distance, backend_nam
     y and lse are fused_forward's outputs (the backward recomputes p from lse; nothing else is saved).
     """
     backend = backends.load_backend(backend_name)
+    if grad_y.dtype != x.dtype and x.dtype in (torch.float16, torch.bfloat16):
+        # soft_vq returns y in x's dtype, so grad_y arrives here as the exact upcast of an x-dtype
+        # gradient: casting back loses nothing and keeps the backend's g products on tensor cores
+        # (an fp32 g would send every product to the fp32 path, ~30x slower on an H200).
+        grad_y = grad_y.to(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         prep = _Prepared(x, codebook, tau, mask, distance)
         grad_frames, grad_keys, grad_values, grad_tau = backend.backward(

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+import math
+
 import torch
 
 from softvq_kernels.reference import accumulation_dtype
@@ -148,6 +150,13 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     p is recomputed as exp(s - lse) from the true scores (bitwise 1 at the argmax, since forward's
     lse was formed the same way); d(tau) uses log p in place of s; and dx subtracts y_t sum_v ds_tv.
     All three are exact rewrites because sum_v ds_tv = 0.
+
+    d(tau) is a covariance under p (of dp and the scores), often far smaller than its terms (near-uniform
+    p), so it is summed over centred scores u = log p + log V (~0 for near-uniform p; any per-row shift
+    is exact because sum_v ds = 0), and the part of ds that does not sum to zero in floating point
+    (delta_t = <g_t, y_t> comes from the forward's rounded y, ds from the recomputed p) is taken off:
+    sum_v ds u - (sum_v ds)(sum_v p u), which evaluates ds with the delta the recomputed p implies and
+    makes any per-row shift (and its rounding) cancel. One-hot rows: both terms are ds* u*, so 0 exactly.
     """
     scorer = _Scorer(x, keys, tau, l2)
     acc, (T, d), V = scorer.acc, x.shape, keys.shape[0]
@@ -161,14 +170,18 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     ds_row_sums = torch.zeros(T, dtype=acc, device=x.device)
     grad_values = torch.empty(V, d, dtype=acc, device=x.device)
     grad_keys = grad_values if shared else torch.empty(V, d, dtype=acc, device=x.device)
-    ds_times_log_p = torch.zeros((), dtype=acc, device=x.device)
+    ds_times_u = torch.zeros((), dtype=acc, device=x.device)
+    p_times_u_row_sums = torch.zeros(T, dtype=acc, device=x.device)
+    log_vocab = math.log(V)
     for start in range(0, V, step):
         stop = min(start + step, V)
         k, log_p = scorer.log_probs(start, stop, lse)
         p = log_p.exp()
         v = k if shared else values[start:stop].to(acc)
         ds = torch.addmm(-delta[:, None], g, v.T).mul_(p)  # p_tv (dp_tv - delta_t)
-        ds_times_log_p += torch.dot(ds.view(-1), log_p.view(-1))
+        u = log_p.add_(log_vocab)  # log_p is not needed after p
+        ds_times_u += torch.dot(ds.view(-1), u.view(-1))
+        p_times_u_row_sums += (p * u).sum(dim=1)
         ds_row_sums += ds.sum(dim=1)
         grad_x.addmm_(ds, k)
         key_grad = ds.T @ scorer.x
@@ -182,5 +195,5 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
             grad_values[start:stop] = value_grad
             grad_keys[start:stop] = key_grad
     grad_x.sub_(y * ds_row_sums[:, None]).mul_(key_factor)
-    grad_tau = -ds_times_log_p / tau
+    grad_tau = -(ds_times_u - torch.dot(ds_row_sums, p_times_u_row_sums)) / tau
     return grad_x, (None if shared else grad_keys), grad_values, grad_tau

@@ -110,3 +110,10 @@ def test_nan_in_the_codebook_reaches_every_frame(backend):
 def test_temperature_on_cpu_works_with_the_tensors_device():
     x, codebook = torch.randn(3, 4), torch.randn(5, 4)
     torch.testing.assert_close(sk.soft_vq(x, codebook, torch.tensor(2.0)), sk.soft_vq(x, codebook, 2.0))
+
+
+def test_auto_prefers_triton_on_cuda_tensors():
+    if backends.unavailable_reason("triton", torch.device("cuda")) is None:
+        assert backends.resolve_backend("auto", torch.device("cuda")) == "triton"
+    else:  # no GPU here: the order itself is what "auto" walks on one
+        assert backends.AUTO_ORDER["cuda"][0] == "triton"

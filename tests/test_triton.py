@@ -42,6 +42,7 @@ if REASON is None:
 
     # The package's ``forward`` attribute is the contract's function; the module is fetched by name.
     fwd_mod = importlib.import_module("softvq_kernels.triton.forward")
+    common = importlib.import_module("softvq_kernels.triton.common")
 
 # 16-wide blocks so that tiny shapes still have several tiles in every direction.
 TINY = dict(block_t=16, block_v=16, block_k=16, mm_block_m=16, mm_block_n=16, mm_block_k=16)
@@ -181,10 +182,14 @@ def test_split_and_chunk_arithmetic():
     assert n_split * 2 >= 8 or per_split == 1
     assert (n_split - 1) * per_split < 7 <= n_split * per_split  # every split non-empty, all tiles covered
     assert fwd_mod._num_splits(configs.KernelConfig(block_t=16, block_v=16, min_programs=1), 20, 100, torch.device("cpu")) == (7, 1)
-    width = fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=20 * 4 * 40), 20, 100, 4)
+    width = fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=20 * 4 * 40, min_chunk_cols=0), 20, 100, 4)
     assert width == 32 and width % 16 == 0
-    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1), 20, 100, 4) == 16
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1, min_chunk_cols=0), 20, 100, 4) == 16
     assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=2**30), 20, 100, 4) == 112
+    # The floor on the chunk width (thin chunks make thin GEMMs), rounded to whole tiles, capped at V.
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1, min_chunk_cols=40), 20, 100, 4) == 32
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1, min_chunk_cols=48), 20, 100, 4) == 48
+    assert fwd_mod._chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1, min_chunk_cols=4096), 20, 100, 4) == 112
 
 
 def test_config_table_lookup_and_cache():
@@ -297,3 +302,30 @@ def test_gpu_staged_and_fused_agree_at_small_d():
     (y0, a0), (y1, a1) = outs
     assert rel_err(y0, y1) < 1e-2
     assert (a0.indices == a1.indices).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("variant", ["plain", "accumulate", "scaled_rowsub", "two_products"])
+def test_cublas_epilogue_matches_the_triton_gemm(monkeypatch, variant):
+    """matmul_into with gemm="cublas" computes what _mm_kernel computes. Without a GPU the cuBLAS product
+    is replaced by an fp32 torch product of the same 16-bit operands (the epilogue is what is tested)."""
+    if not CUDA:
+        monkeypatch.setattr(common, "_cublas_can_take", lambda c, *ops: True)
+        monkeypatch.setattr(common, "_mm_fp32", lambda a, b: a.float() @ b.float())
+    dtype = torch.float16
+    M, N, K = 37, 29, 45
+    a, b = torch.randn(M, K, device=DEVICE).to(dtype), torch.randn(K, N, device=DEVICE).to(dtype)
+    a2, b2 = torch.randn(K, M, device=DEVICE).to(dtype).T, torch.randn(K, N, device=DEVICE).to(dtype)
+    r, e = torch.randn(M, device=DEVICE), torch.randn(M, N, device=DEVICE).to(dtype)
+    tau = torch.tensor([0.7], device=DEVICE)
+    kwargs = {
+        "plain": {},
+        "accumulate": {"accumulate": True},
+        "scaled_rowsub": {"rowsub": (r, e), "scale": 2.0},
+        "two_products": {"second": (a2, b2), "rowsub": (r, e), "scale": 2.0},
+    }[variant]
+    start = torch.randn(M, N, device=DEVICE)
+    results = {}
+    for gemm in ("triton", "cublas"):
+        cfg = dataclasses.replace(configs.get_config(N, K, dtype, DEVICE), gemm=gemm)
+        results[gemm] = common.matmul_into(start.clone(), a, b, cfg, tau=tau, **kwargs)
+    assert rel_err(results["cublas"], results["triton"]) < 1e-5

@@ -84,22 +84,25 @@ void test_scores(int64_t Tn, int64_t V, int64_t d, bool l2, int64_t splits_wante
   if (huge > 0) check("rows without p == 1 at the argmax", double(Tn - exact_one), 0);
   // backward scores
   std::vector<float> delta(Tn); for (int64_t t = 0; t < Tn; ++t) delta[t] = 0.1f * t - 1.f;
-  std::vector<T> dS(Tn * width); std::vector<float> colsum(V, 0.f), rowsum(Tn, 0.f); double dtau = 0; double dtau_ref = 0;
-  std::vector<double> dsg, dsw, csw(V, 0.0), rsw(Tn, 0.0), p2g, p2w;
+  std::vector<T> dS(Tn * width); std::vector<float> colsum(V, 0.f), rowsum(Tn, 0.f), row_p_u(Tn, 0.f); double dtau = 0; double dtau_ref = 0;
+  std::vector<double> dsg, dsw, csw(V, 0.0), rsw(Tn, 0.0), puw(Tn, 0.0), p2g, p2w;
+  const float log_v = static_cast<float>(std::log(static_cast<double>(V)));
   for (int64_t c0 = 0; c0 < V; c0 += width) {
     int64_t w = std::min(width, V - c0);
-    dscores_chunk(dtype_of<T>(), X.t.data(), G.t.data(), Kc.t.data(), shared ? Kc.t.data() : Vv.t.data(), l2 ? ksq.data() : nullptr, l2 ? fsq.data() : nullptr, &tau, lse.data(), delta.data(), Tn, V, d, c0, w, P.data(), dS.data(), width, l2 ? colsum.data() : nullptr, rowsum.data(), &dtau, l2, nullptr);
+    dscores_chunk(dtype_of<T>(), X.t.data(), G.t.data(), Kc.t.data(), shared ? Kc.t.data() : Vv.t.data(), l2 ? ksq.data() : nullptr, l2 ? fsq.data() : nullptr, &tau, lse.data(), delta.data(), Tn, V, d, c0, w, P.data(), dS.data(), width, l2 ? colsum.data() : nullptr, rowsum.data(), row_p_u.data(), &dtau, log_v, l2, nullptr);
     if (huge > 0) for (int64_t t = 0; t < Tn; ++t) if (idx[t] >= c0 && idx[t] < c0 + w) exact_one_bwd += emu_to_float(P[t * width + idx[t] - c0]) == 1.0f;
     for (int64_t t = 0; t < Tn; ++t) for (int64_t v = 0; v < w; ++v) {
       double p = std::exp(a[t * V + c0 + v] - lse_a_ref[t]); double dp = 0; for (int64_t j = 0; j < d; ++j) dp += G.d[t * d + j] * Vv.d[(c0 + v) * d + j];
       double ds = p * (dp - delta[t]); dsw.push_back(ds); dsg.push_back(emu_to_float(dS[t * width + v])); p2w.push_back(p); p2g.push_back(emu_to_float(P[t * width + v]));
-      csw[c0 + v] += ds; rsw[t] += ds; dtau_ref += ds * (a[t * V + c0 + v] - lse_a_ref[t]); }
+      const double u = a[t * V + c0 + v] - lse_a_ref[t] + log_v;
+      csw[c0 + v] += ds; rsw[t] += ds; puw[t] += p * u; dtau_ref += ds * u; }
   }
   check("bwd P", rel(p2g, p2w), tol); check("dS", rel(dsg, dsw), tol);
   if (l2) { std::vector<double> cg2(colsum.begin(), colsum.end()); check("colsum dS", rel(cg2, csw), 1e-4); }
   std::vector<double> rg(rowsum.begin(), rowsum.end()); check("rowsum dS", rel(rg, rsw), 1e-4);
+  std::vector<double> pug(row_p_u.begin(), row_p_u.end()); check("row sums p u", rel(pug, puw), 1e-4);
   if (huge > 0) check("bwd rows without p == 1 at the argmax", double(Tn - exact_one_bwd), 0);
-  else check("sum dS log p", std::abs(dtau - dtau_ref) / std::max(1e-9, std::abs(dtau_ref)), 1e-4);
+  else check("sum dS u", std::abs(dtau - dtau_ref) / std::max(1e-9, std::abs(dtau_ref)), 1e-4);
 }
 
 template <class T> void run_all(const char* name, double tol) {

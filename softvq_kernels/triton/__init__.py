@@ -44,13 +44,16 @@ lse and ds = p (<g, v> - <g, y>); fp32 accumulation throughout.
   and one two-product GEMM writes the chunk's codebook rows
   sum_t p g_t + (2/tau)(sum_t ds x_t - c_v sum_t ds) directly (key role folded in when keys is values).
   10 T V d FLOPs; the staged tiles cost 10 bytes per 10 d FLOPs, cheap for d >= 896.
-Exactness rewrites (as in the chunked backend): dtau = -(1/tau) sum ds log p, and
+Exactness rewrites (as in the chunked backend): dtau = -(1/tau) sum ds u with u = log p + log V and the
+per-row correction -(sum_v ds)(sum_v p u) (backward.backward says why), and
 dx = (2/tau)(sum_v ds c_v - y sum_v ds); both are exact because sum_v ds = 0 and keep one-hot rows exact.
 
 Dtypes: fp32 / fp16 / bf16 with fp32 accumulation (fp32 products use IEEE fp32, not TF32, so fp32 runs
 on the FMA units and its GPU config stages the backward), and fp64 with fp64 accumulation (gradcheck;
 compiled for sm_90 here, never run on a GPU). The interpreter's bf16 tl.dot is wrong, so bf16 is tested on GPUs
-only. Block sizes: configs.py. GPU performance is unmeasured until a GPU run (benchmarks/gpu_suite.sh).
+only. Block sizes: configs.py, picked from a sweep on an H200 (2026-11-26): there the staged backward
+beats the fused one at d = 256 (1.6 vs 6.1 ms at 4096x32000x256), so GPUs stage at every d, and at large d
+the staged tiles are multiplied by cuBLAS (``KernelConfig.gemm``). Measured speed and memory: README.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ ds = p (<g, v> - <g, y>) tile by tile; neither holds a T x V matrix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -35,12 +37,13 @@ from softvq_kernels.triton.forward import _chunk_width, x_offset
 @triton.jit
 def _fused_codebook_kernel(x_ptr, k_ptr, v_ptr, g_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr, delta_ptr,
                            gv_ptr, gk_ptr, dtau_ptr,
-                           T, V, D, stride_x, stride_k, stride_v, stride_g, stride_gv, stride_gk,
+                           T, V, D, log_v, stride_x, stride_k, stride_v, stride_g, stride_gv, stride_gk,
                            L2: tl.constexpr, SHARED: tl.constexpr, PREC_S: tl.constexpr, PREC_DP: tl.constexpr,
                            PREC_V: tl.constexpr, PREC_K: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
     """Program per BLOCK_V codebook rows, looping over every frame block: their complete value-role
-    (sum_t p g_t) and key-role gradients in on-chip accumulators, written once; sum ds log p added to dtau."""
+    (sum_t p g_t) and key-role gradients in on-chip accumulators, written once; sum ds u added to dtau
+    (u = log p + log V, the centred score: see ``backward``)."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     dcols = tl.arange(0, D_PAD)
@@ -76,7 +79,7 @@ def _fused_codebook_kernel(x_ptr, k_ptr, v_ptr, g_ptr, knorm_ptr, tau_ptr, lse_p
         else:
             dk = mma(tl.trans(ds).to(x.dtype), x, dk, PREC_K)
         colsum += tl.sum(ds, 0)
-        dtau += tl.sum(ds * tl.where(ok, log_p, 0.0), 0)
+        dtau += tl.sum(ds * tl.where(ok, log_p + log_v, 0.0), 0)
     vd_ok = col_ok[:, None] & d_ok[None, :]
     if SHARED:
         if L2:
@@ -93,11 +96,12 @@ def _fused_codebook_kernel(x_ptr, k_ptr, v_ptr, g_ptr, knorm_ptr, tau_ptr, lse_p
 
 @triton.jit
 def _fused_frames_kernel(x_ptr, k_ptr, v_ptr, g_ptr, y_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr, delta_ptr, gx_ptr,
-                         T, V, D, stride_x, stride_k, stride_v, stride_g, stride_y, stride_gx,
+                         dtau_ptr, T, V, D, log_v, stride_x, stride_k, stride_v, stride_g, stride_y, stride_gx,
                          L2: tl.constexpr, PREC_S: tl.constexpr, PREC_DP: tl.constexpr, PREC_X: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                          D_PAD: tl.constexpr):
-    """Program per BLOCK_T frames, looping over the vocabulary: dx = k (sum_v ds c_v - y sum_v ds) on chip."""
+    """Program per BLOCK_T frames, looping over the vocabulary: dx = k (sum_v ds c_v - y sum_v ds) on chip,
+    and the temperature correction -sum_t (sum_v ds)(sum_v p u) added to dtau."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dcols = tl.arange(0, D_PAD)
@@ -111,6 +115,7 @@ def _fused_frames_kernel(x_ptr, k_ptr, v_ptr, g_ptr, y_ptr, knorm_ptr, tau_ptr, 
     g = tl.load(g_ptr + rows[:, None] * stride_g + dcols[None, :], mask=xd_ok, other=0.0)
     dx = tl.zeros((BLOCK_T, D_PAD), dtype=ACC)
     rowsum = tl.zeros((BLOCK_T,), dtype=ACC)
+    p_u = tl.zeros((BLOCK_T,), dtype=ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
@@ -119,7 +124,9 @@ def _fused_frames_kernel(x_ptr, k_ptr, v_ptr, g_ptr, y_ptr, knorm_ptr, tau_ptr, 
         if L2:
             a = a - xoff[:, None]
         ok = row_ok[:, None] & col_ok[None, :]
-        p = tl.exp(tl.where(ok, a - lse[:, None], float("-inf")))
+        log_p = tl.where(ok, a - lse[:, None], float("-inf"))
+        p = tl.exp(log_p)
+        p_u += tl.sum(p * tl.where(ok, log_p + log_v, 0.0), 1)
         vt = tl.load(v_ptr + cols[None, :] * stride_v + dcols[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         dp = mma(g, vt, tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC), PREC_DP)
         ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
@@ -129,6 +136,7 @@ def _fused_frames_kernel(x_ptr, k_ptr, v_ptr, g_ptr, y_ptr, knorm_ptr, tau_ptr, 
     y = tl.load(y_ptr + rows[:, None] * stride_y + dcols[None, :], mask=xd_ok, other=0.0).to(ACC)
     dx = (dx - rowsum[:, None] * y) * ((2.0 if L2 else 1.0) * inv_tau)
     tl.store(gx_ptr + rows[:, None] * stride_gx + dcols[None, :], dx.to(gx_ptr.dtype.element_ty), mask=xd_ok)
+    tl.atomic_add(dtau_ptr, -tl.sum(tl.where(row_ok, rowsum * p_u, 0.0), 0))
 
 
 def backward(grad_y, x, keys, values, tau, l2, y, lse):
@@ -138,6 +146,12 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
                                                              cancels rounding noise when p is one-hot)
     dc_v  = sum_t p_tv g_t + k (sum_t ds_tv x_t - c_v sum_t ds_tv)   (l2; dot drops the c_v term)
     dtau  = -(1/tau) sum_tv ds_tv log p_tv                    with k = (2 if l2 else 1) / tau.
+
+    dtau is a covariance under p, often far smaller than its terms (near-uniform p: log p ~ -log V for
+    every code), so it is summed as sum_tv ds u - sum_t (sum_v ds_tv)(sum_v p_tv u_tv) with centred
+    scores u = log p + log V: exact for any per-row shift since sum_v ds = 0, and the second term takes
+    off the part of ds that does not sum to zero in floating point (delta comes from the forward's
+    rounded y, ds from the recomputed p). One-hot rows: both terms are ds* u*, so exactly 0.
     """
     check_interpreter_dtypes(grad_y, x, keys, values)
     shared = values is keys
@@ -162,12 +176,14 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     sums = {
         "delta": rowdot(g, y),  # <g_t, y_t> = sum_v p_tv dp_tv
         "dtau": torch.zeros(1, dtype=acc, device=device),
+        "log_v": math.log(V),
     }
     d_pad = triton.next_power_of_2(d)
     if d_pad <= cfg.fused_bwd_max_d:
         return _fused_backward(cfg, g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, grad_keys, grad_values, d_pad)
     sums["rowsum"] = torch.zeros(T, dtype=acc, device=device)
     sums["colsum"] = torch.zeros(V, dtype=acc, device=device)
+    sums["p_u"] = torch.zeros(T, dtype=acc, device=device)
     grad_x = torch.zeros(T, d, dtype=acc, device=device)
     width = _chunk_width(cfg, T, V, max(g.element_size(), x.element_size()))
     p_work = torch.empty(T, width, dtype=g.dtype, device=device)
@@ -187,7 +203,7 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
             matmul_into(grad_values[start:stop], p.T, g, cfg, tau=tau1)
             matmul_into(grad_keys[start:stop], ds.T, x, cfg, tau=tau1, rowsub=rowsub, scale=key_mul)
     grad_x.sub_(y.to(acc) * sums["rowsum"][:, None]).mul_(key_mul / tau)
-    grad_tau = -sums["dtau"].reshape(()) / tau
+    grad_tau = -(sums["dtau"].reshape(()) - torch.dot(sums["rowsum"], sums["p_u"])) / tau
     return grad_x, grad_keys, grad_values, grad_tau
 
 
@@ -205,13 +221,13 @@ def _fused_backward(cfg, g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _fused_codebook_kernel[(triton.cdiv(V, cfg.block_v),)](
         x, keys, values, g, knorm, tau1, lse, xoff, sums["delta"], grad_values, gk, sums["dtau"],
-        T, V, d, x.stride(0), keys.stride(0), values.stride(0), g.stride(0), grad_values.stride(0), gk.stride(0),
+        T, V, d, sums["log_v"], x.stride(0), keys.stride(0), values.stride(0), g.stride(0), grad_values.stride(0), gk.stride(0),
         SHARED=shared, PREC_V=dot_precision(g.dtype), PREC_K=dot_precision(x.dtype), **common,
     )
     grad_x = torch.empty(T, d, dtype=acc, device=x.device)
     _fused_frames_kernel[(triton.cdiv(T, cfg.block_t),)](
         x, keys, values, g, y, knorm, tau1, lse, xoff, sums["delta"], grad_x,
-        T, V, d, x.stride(0), keys.stride(0), values.stride(0), g.stride(0), y.stride(0), grad_x.stride(0),
+        sums["dtau"], T, V, d, sums["log_v"], x.stride(0), keys.stride(0), values.stride(0), g.stride(0), y.stride(0), grad_x.stride(0),
         PREC_X=dot_precision(keys.dtype), **common,
     )
     return grad_x, grad_keys, grad_values, -sums["dtau"].reshape(()) / tau

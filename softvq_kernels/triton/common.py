@@ -116,8 +116,8 @@ def rowdot(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 @triton.jit
 def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
                   p_ptr, counts_ptr,
-                  g_ptr, v_ptr, delta_ptr, ds_ptr, colsum_ptr, rowsum_ptr, dtau_ptr,
-                  T, D, v_start, v_stop,
+                  g_ptr, v_ptr, delta_ptr, ds_ptr, colsum_ptr, rowsum_ptr, dtau_ptr, p_u_ptr,
+                  T, D, v_start, v_stop, log_v,
                   stride_x, stride_k, stride_g, stride_v, stride_p, stride_ds,
                   L2: tl.constexpr, STORE_P: tl.constexpr, COUNTS: tl.constexpr, BACKWARD: tl.constexpr,
                   PREC_S: tl.constexpr, PREC_DP: tl.constexpr, ACC: tl.constexpr,
@@ -125,7 +125,8 @@ def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
     """One (BLOCK_T, BLOCK_V) tile of the chunk [v_start, v_stop): exact p = exp(s - lse) from the
     final lse; optionally stores p (column v - v_start of the workspace), adds column sums of p to
     counts, and (BACKWARD) stores ds = p (<g, v> - delta), adds its column sums (l2 key term), its
-    row sums (dx rewrite) and sum ds * log p (temperature) with atomics."""
+    row sums (dx rewrite), sum ds * u and the row sums of p * u (temperature, u = log p + log V: see
+    softvq_kernels.triton.backward.backward) with atomics."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
@@ -158,7 +159,9 @@ def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
         if L2:
             tl.atomic_add(colsum_ptr + cols, tl.sum(ds, 0), mask=col_ok)
         tl.atomic_add(rowsum_ptr + rows, tl.sum(ds, 1), mask=row_ok)
-        tl.atomic_add(dtau_ptr, tl.sum(tl.sum(ds * tl.where(ok, log_p, 0.0), 1), 0))
+        u = tl.where(ok, log_p + log_v, 0.0)
+        tl.atomic_add(p_u_ptr + rows, tl.sum(p * u, 1), mask=row_ok)
+        tl.atomic_add(dtau_ptr, tl.sum(tl.sum(ds * u, 1), 0))
 
 
 @triton.jit
@@ -226,6 +229,8 @@ def matmul_into(c, a, b, cfg, *, tau, second=None, rowsub=None, scale=None, accu
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
+    if cfg.gemm == "cublas" and _cublas_can_take(c, a, b, *(second or ())):
+        return _cublas_matmul_into(c, a, b, tau=tau, second=second, rowsub=rowsub, scale=scale, accumulate=accumulate)
     a2, b2 = second if second is not None else (a, b)
     r, e = rowsub if rowsub is not None else (c, c)
     grid = (triton.cdiv(M, cfg.mm_block_m) * triton.cdiv(N, cfg.mm_block_n),)
@@ -243,11 +248,44 @@ def matmul_into(c, a, b, cfg, *, tau, second=None, rowsub=None, scale=None, accu
     return c
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _cublas_can_take(c, *operands) -> bool:
+    dtype = operands[0].dtype
+    return (c.is_cuda and c.dtype in (torch.float32, dtype) and dtype in _LOW_PRECISION
+            and all(t.dtype == dtype for t in operands))
+
+
+def _mm_fp32(a, b):
+    """a @ b of 16-bit operands with an fp32 result (cuBLAS accumulates in fp32 either way; this keeps it)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _cublas_matmul_into(c, a, b, *, tau, second, rowsub, scale, accumulate):
+    """``matmul_into``'s contract on cuBLAS: fp32 products of 16-bit tiles, epilogue as tensor ops
+    (alpha = scale / tau stays on the device: no host sync)."""
+    out = _mm_fp32(a, b)
+    if second is not None or scale is not None:
+        scaled = _mm_fp32(*second) if second is not None else out
+        if rowsub is not None:
+            r, e = rowsub
+            scaled.addcmul_(r[:, None], e, value=-1.0)
+        scaled.mul_(float(scale or 1.0) / tau)
+        if second is not None:
+            out.add_(scaled)
+    if accumulate:
+        c.add_(out)
+    else:
+        c.copy_(out)
+    return c
+
+
 def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
                 p_out=None, counts=None, grad=None):
     """Launch ``_stage_kernel`` over rows x chunk columns [v_start, v_stop).
 
-    grad: None (forward) or a dict with g, values, delta, ds_out, colsum, rowsum, dtau (backward).
+    grad: None (forward) or a dict with g, values, delta, ds_out, colsum, rowsum, dtau, p_u, log_v (backward).
     """
     T, D = x.shape
     if T == 0 or v_stop <= v_start:
@@ -263,8 +301,8 @@ def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
         x, keys, knorm if knorm is not None else dummy, tau, lse, xoff if xoff is not None else dummy,
         p_ptr, counts if counts is not None else dummy,
         g_ptr, values, g.get("delta", dummy), ds_ptr,
-        g.get("colsum", dummy), g.get("rowsum", dummy), g.get("dtau", dummy),
-        T, D, v_start, v_stop,
+        g.get("colsum", dummy), g.get("rowsum", dummy), g.get("dtau", dummy), g.get("p_u", dummy),
+        T, D, v_start, v_stop, float(g.get("log_v", 0.0)),
         x.stride(0), keys.stride(0), g_ptr.stride(0), values.stride(0),
         p_ptr.stride(0) if p_out is not None else 0, ds_ptr.stride(0) if grad is not None else 0,
         L2=l2, STORE_P=p_out is not None, COUNTS=counts is not None, BACKWARD=grad is not None,

@@ -8,8 +8,16 @@ the vocabulary split at tiny shapes).
 Tuned entries can also come from a JSON file named by SOFTVQ_TRITON_CONFIGS (written by ``tune_to_file``,
 read at the first CUDA lookup, never at import): {"V,d,dtype": {field: value, ...}, ...}.
 
-The GPU entries are first guesses from FlashAttention-style kernels on Hopper and have NOT been
-measured yet (no GPU was lent when they were written): re-tune with ``tune`` on an H200.
+The 16-bit GPU entries were picked from a sweep on an H200 (2026-11-26, bf16, l2;
+benchmarks/profile_triton.py, kernel times from triton.testing.do_bench):
+- 4096x32000x256: 128x128 tiles with 8 warps, 32-wide k steps in 3 stages, and the *staged* backward.
+  The FlashAttention-2 style fused backward (BLOCK x 256 fp32 accumulators on chip) ran at 53-78
+  TFLOP/s whatever its tiles, the staged one (scores + dp on tensor cores, then GEMMs over the staged
+  tiles) at 200: forward 0.71 ms, backward 1.67 ms (the first guess, 64x64 tiles: 1.28 + 6.07 ms).
+- 8192x128256x2048: 128x128 tiles with 8 warps, and the staged tiles multiplied by cuBLAS (fp32
+  output): forward 29.7 ms, backward 50.6 ms (with _mm_kernel 32.6 + 54.2; 64-row score tiles
+  37.4 + 67.1). Larger GEMM tiles or deeper pipelines exceed the 227 KB of shared memory.
+fp32 entries are unmeasured.
 """
 
 from __future__ import annotations
@@ -44,22 +52,30 @@ class KernelConfig:
     mm_block_k: int = 64
     mm_num_warps: int = 8
     mm_num_stages: int = 3
-    # Bytes of one staged (T, chunk) matrix; the chunk width is derived from it.
+    # Bytes of one staged (T, chunk) matrix; the chunk width is derived from it, but never narrower
+    # than min_chunk_cols (at T = 65536 a 64 MiB budget leaves 512 columns: 250 chunks of thin GEMMs,
+    # which made the backward 9x slower than the forward on an H200).
     workspace_bytes: int = 64 * 2**20
+    min_chunk_cols: int = 2048
     # Split the vocabulary over programs until there are this many (0: twice the SM count on CUDA, 1 on CPU).
     min_programs: int = 0
+    # Who multiplies the staged tiles: "triton" (_mm_kernel) or "cublas" (torch.mm with fp32 output, CUDA
+    # 16-bit tiles only; anything else falls back to _mm_kernel).
+    gemm: str = "triton"
 
 
 # Interpreter (CPU): any block >= 16 works; larger blocks interpret faster.
 _CPU = KernelConfig(block_t=32, block_v=32, block_k=32, fused_max_d=64, fused_bwd_max_d=64, mm_block_m=32, mm_block_n=32,
-                    mm_block_k=32, mm_num_warps=4, mm_num_stages=1, workspace_bytes=4 * 2**20, min_programs=1)
+                    mm_block_k=32, mm_num_warps=4, mm_num_stages=1, workspace_bytes=4 * 2**20, min_chunk_cols=0,
+                    min_programs=1)
 
-# GPU picks, checked only statically so far: every kernel compiled for sm_90 here (no GPU) with its
-# registers / spills read from the cubin (HGMMA present for 16-bit inputs; no spills except the fused
-# codebook-gradient kernel at d = 256 and the two-product GEMM, each about 0.5 KB of stack).
-_GPU_16BIT_SMALL_D = KernelConfig(block_t=64, block_v=64, block_k=64, num_warps=8, num_stages=2)
-_GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=64, block_k=64, num_warps=8, num_stages=3,
-                                  mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=8, mm_num_stages=3)
+# H200 picks (module docstring): the fused backward stays for the interpreter and for tuning, but on the
+# GPU the staged backward is 3.7x faster at d = 256.
+_GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warps=8, num_stages=3,
+                                  fused_bwd_max_d=0)
+_GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
+                                  mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=8, mm_num_stages=3,
+                                  gemm="cublas")
 # fp32 runs IEEE fp32 products on the FMA units (no TF32): its fused backward spills, so it stages.
 _GPU_FP32 = KernelConfig(block_t=32, block_v=64, block_k=32, num_warps=4, num_stages=2, fused_max_d=128,
                          fused_bwd_max_d=0, mm_block_m=64, mm_block_n=64, mm_block_k=32, mm_num_warps=4,

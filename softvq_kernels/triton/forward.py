@@ -84,7 +84,7 @@ def _num_splits(cfg, T: int, V: int, device: torch.device) -> tuple[int, int]:
 
 
 def _chunk_width(cfg, T: int, V: int, elem_bytes: int) -> int:
-    cols = max(cfg.block_v, cfg.workspace_bytes // max(T * elem_bytes, 1))
+    cols = max(cfg.block_v, cfg.min_chunk_cols, cfg.workspace_bytes // max(T * elem_bytes, 1))
     cols = cols // cfg.block_v * cfg.block_v
     return min(cols, triton.cdiv(V, cfg.block_v) * cfg.block_v)
 

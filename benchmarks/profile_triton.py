@@ -1,0 +1,126 @@
+"""Where the Triton backend's time goes on a GPU: per-kernel CUDA time of one forward and one backward
+(torch.profiler), then a sweep of block configs for forward and backward separately.
+
+    python -m benchmarks.profile_triton --shapes 4096x32000x256,8192x128256x2048 --out prof.json
+
+A development tool for tuning (the benchmark of record is benchmarks/bench_op.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+
+import torch
+import triton.testing
+
+from benchmarks.bench_op import parse_shape
+from softvq_kernels.triton import configs
+
+# The package binds the backend functions ``forward``/``backward`` over its submodules' names.
+tfwd = importlib.import_module("softvq_kernels.triton.forward")
+tbwd = importlib.import_module("softvq_kernels.triton.backward")
+
+
+def _problem(T, V, d, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, d, device="cuda", generator=gen).to(dtype)
+    c = (torch.randn(V, d, device="cuda", generator=gen) * 0.5).to(dtype)
+    g = torch.randn(T, d, device="cuda", generator=gen).to(dtype)
+    tau = torch.tensor(float(d) ** 0.5, device="cuda")
+    return x, c, g, tau
+
+
+def kernel_breakdown(T, V, d, dtype, l2=True):
+    x, c, g, tau = _problem(T, V, d, dtype)
+    y, lse, _, _ = tfwd.forward(x, c, c, tau, l2, False)
+    tbwd.backward(g, x, c, c, tau, l2, y, lse)
+    torch.cuda.synchronize()
+    out = {}
+    for phase in ("fwd", "bwd"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                if phase == "fwd":
+                    tfwd.forward(x, c, c, tau, l2, False)
+                else:
+                    tbwd.backward(g, x, c, c, tau, l2, y, lse)
+            torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((evt.key[:60], evt.count // 3, t / 3 / 1e3))
+        rows.sort(key=lambda r: -r[2])
+        out[phase] = rows
+        print(f"--- {T}x{V}x{d} {phase}: per call")
+        for name, n, ms in rows[:8]:
+            print(f"  {ms:9.3f} ms  x{n:<5d} {name}")
+    return out
+
+
+def sweep(T, V, d, dtype, variants, l2=True):
+    x, c, g, tau = _problem(T, V, d, dtype)
+    base = configs.get_config(V, d, dtype, x.device)
+    results = []
+    for fields in variants:
+        cfg = dataclasses.replace(base, **fields)
+        try:
+            with configs.override(cfg):
+                y, lse, _, _ = tfwd.forward(x, c, c, tau, l2, False)
+                fwd = triton.testing.do_bench(lambda: tfwd.forward(x, c, c, tau, l2, False), warmup=5, rep=30)
+                bwd = triton.testing.do_bench(lambda: tbwd.backward(g, x, c, c, tau, l2, y, lse), warmup=5, rep=30)
+        except Exception as exc:  # out of shared memory / registers: this variant just loses
+            fwd = bwd = float("inf")
+            print(f"  {fields}: failed {type(exc).__name__}: {str(exc)[:120]}")
+        flops = T * V * d
+        results.append({"fields": fields, "fwd_ms": fwd, "bwd_ms": bwd,
+                        "fwd_tflops": 4 * flops / fwd / 1e9, "bwd_tflops": 10 * flops / bwd / 1e9})
+        print(f"  fwd {fwd:8.3f} ms ({4 * flops / fwd / 1e9:6.1f} TF/s)  bwd {bwd:8.3f} ms ({10 * flops / bwd / 1e9:6.1f} TF/s)  {fields}", flush=True)
+    return results
+
+
+SMALL_D = [
+    {},
+    {"gemm": "cublas"},
+    {"fused_bwd_max_d": 256},
+    {"block_t": 64, "block_v": 128},
+    {"num_stages": 3},
+    {"block_k": 32, "num_stages": 3},
+    {"block_t": 128, "block_v": 64},
+]
+LARGE_D = [
+    {},
+    {"gemm": "cublas"},
+    {"gemm": "cublas", "workspace_bytes": 256 * 2**20},
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"block_k": 32, "num_stages": 4},
+    {"block_t": 256, "block_v": 64},
+]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="4096x32000x256,8192x128256x2048")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-sweep", action="store_true")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    report = {}
+    for text in args.shapes.split(","):
+        T, V, d = parse_shape(text)
+        entry = {"breakdown": kernel_breakdown(T, V, d, dtype)}
+        if not args.no_sweep:
+            print(f"--- sweep {text}")
+            entry["sweep"] = sweep(T, V, d, dtype, SMALL_D if d <= 256 else LARGE_D)
+        report[text] = entry
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
