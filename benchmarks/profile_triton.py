@@ -92,12 +92,7 @@ SMALL_D = [
 ]
 LARGE_D = [
     {},
-    {"gemm": "cublas"},
-    {"gemm": "cublas", "workspace_bytes": 256 * 2**20},
-    {"num_stages": 2},
-    {"num_stages": 4},
-    {"block_k": 32, "num_stages": 4},
-    {"block_t": 256, "block_v": 64},
+    {"score_gemm": False},
 ]
 
 

@@ -49,11 +49,18 @@ TINY = dict(block_t=16, block_v=16, block_k=16, mm_block_m=16, mm_block_n=16, mm
 
 
 def _schedule(name, T, elem_bytes=4):
-    """Config overrides for one schedule: 'fused' (on-chip output, vocabulary split over programs) or
-    'staged' (the large-d path: lse pass, then p tiles of 16-column chunks and GEMMs)."""
+    """Config overrides for one schedule: 'fused' (on-chip output, vocabulary split over programs),
+    'staged' (the large-d path: lse pass, then p tiles of 16-column chunks and GEMMs) or 'score_gemm'
+    (staged, with the chunks' scores and dp from torch products: cuBLAS on a GPU)."""
     if name == "fused":
         return configs.override(**TINY, fused_max_d=64, fused_bwd_max_d=64, min_programs=6)
+    if name == "score_gemm":  # fp32 (T, 32) score chunks; 2 splits per chunk for the online pass
+        return configs.override(**TINY, fused_max_d=0, fused_bwd_max_d=0, min_programs=6, workspace_bytes=T * 4 * 32,
+                                score_gemm=True)
     return configs.override(**TINY, fused_max_d=0, fused_bwd_max_d=0, min_programs=6, workspace_bytes=T * elem_bytes * 16)
+
+
+SCHEDULES = ["fused", "staged", "score_gemm"]
 
 
 def test_interpreter_is_on_without_cuda():
@@ -81,7 +88,7 @@ def test_interpreter_refuses_bfloat16():
         sk.soft_vq(x, codebook, backend="triton")
 
 
-@pytest.mark.parametrize("schedule", ["fused", "staged"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("distance", ["l2", "cosine", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_schedules_match_fp64_reference(schedule, distance, dtype):
@@ -102,7 +109,7 @@ def test_schedules_match_fp64_reference(schedule, distance, dtype):
     assert (y[~mask] == 0).all() and (grads[0][~mask] == 0).all()
 
 
-@pytest.mark.parametrize("schedule", ["fused", "staged"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_backend_level_separate_values(schedule):
     """keys is not values (the soft-sums path of autograd.py): value and key roles come back apart."""
     import softvq_kernels.triton as tri
@@ -150,7 +157,7 @@ def test_every_output_element_is_written(monkeypatch):
 
     x, codebook, temperature, _ = random_problem((35,), 41, 21, torch.float32, DEVICE)
     upstream = torch.randn(35, 21, device=DEVICE)
-    for schedule in ("fused", "staged"):
+    for schedule in SCHEDULES:
         with _schedule(schedule, 35):
             monkeypatch.setattr(torch, "empty", poisoned)
             y, aux, grads = run_with_grads(x, codebook, temperature, distance="l2", mask=None, backend="triton", upstream=upstream)
@@ -329,3 +336,19 @@ def test_cublas_epilogue_matches_the_triton_gemm(monkeypatch, variant):
         cfg = dataclasses.replace(configs.get_config(N, K, dtype, DEVICE), gemm=gemm)
         results[gemm] = common.matmul_into(start.clone(), a, b, cfg, tau=tau, **kwargs)
     assert rel_err(results["cublas"], results["triton"]) < 1e-5
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("distance", ["l2", "cosine", "dot"])
+def test_schedules_stay_exact_when_one_hot(schedule, distance):
+    """Inputs x1e3: every schedule recomputes the forward's scores bit for bit, so p = 1 at the argmax,
+    y is the code itself and the x and temperature gradients are exact (see test_backends)."""
+    x, codebook, temperature, mask = random_problem((11,), 29, 13, torch.float32, DEVICE, scale=1e3, masked=True)
+    upstream = torch.randn(11, 13, device=DEVICE)
+    with _schedule(schedule, 11):
+        y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="triton", upstream=upstream)
+    y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=mask, upstream=upstream)
+    tol = REL_TOL[torch.float32]
+    assert rel_err(y, y_ref) < tol
+    assert_indices_are_argmax(aux.indices, x, codebook, temperature, distance, mask, atol=0)
+    assert rel_err(grads[0], grads_ref[0]) < tol and rel_err(grads[2], grads_ref[2]) < tol

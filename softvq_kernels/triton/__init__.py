@@ -53,7 +53,11 @@ on the FMA units and its GPU config stages the backward), and fp64 with fp64 acc
 compiled for sm_90 here, never run on a GPU). The interpreter's bf16 tl.dot is wrong, so bf16 is tested on GPUs
 only. Block sizes: configs.py, picked from a sweep on an H200 (2026-11-26): there the staged backward
 beats the fused one at d = 256 (1.6 vs 6.1 ms at 4096x32000x256), so GPUs stage at every d, and at large d
-the staged tiles are multiplied by cuBLAS (``KernelConfig.gemm``). Measured speed and memory: README.md.
+the staged tiles are multiplied by cuBLAS (``KernelConfig.gemm``). For d >= 2048 the GPU config also takes
+each vocabulary chunk's scores and dp from cuBLAS products (``KernelConfig.score_gemm``, fp32, T x chunk),
+so every FLOP of the forward (6 T V d) and backward (10 T V d) is a cuBLAS GEMM and the Triton kernels only
+read S / dP and write P / ds; forward and backward use the same chunks, hence bitwise the same scores.
+Measured speed and memory: README.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from softvq_kernels.triton.common import (
     acc_dtype,
     check_interpreter_dtypes,
     dot_precision,
+    addmm_acc,
     matmul_into,
+    mm_acc,
     mma,
     rowdot,
     rows_contiguous,
@@ -31,7 +33,7 @@ from softvq_kernels.triton.common import (
     stage_chunk,
     tl_acc,
 )
-from softvq_kernels.triton.forward import _chunk_width, x_offset
+from softvq_kernels.triton.forward import _chunk_width, score_chunks, x_offset
 
 
 @triton.jit
@@ -61,7 +63,7 @@ def _fused_codebook_kernel(x_ptr, k_ptr, v_ptr, g_ptr, knorm_ptr, tau_ptr, lse_p
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
         a = score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, x_ptr, 0, 0, False)
         if L2:
             a = a - tl.load(xoff_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -120,7 +122,7 @@ def _fused_frames_kernel(x_ptr, k_ptr, v_ptr, g_ptr, y_ptr, knorm_ptr, tau_ptr, 
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         a = score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, x_ptr, 0, 0, False)
         if L2:
             a = a - xoff[:, None]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -185,11 +187,18 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     sums["colsum"] = torch.zeros(V, dtype=acc, device=device)
     sums["p_u"] = torch.zeros(T, dtype=acc, device=device)
     grad_x = torch.zeros(T, d, dtype=acc, device=device)
-    width = _chunk_width(cfg, T, V, max(g.element_size(), x.element_size()))
+    if cfg.score_gemm:  # the forward's chunks: the same cuBLAS products, so bitwise the same scores
+        chunks = score_chunks(cfg, T, V)
+    else:
+        width = _chunk_width(cfg, T, V, max(g.element_size(), x.element_size()))
+        chunks = [(start, min(start + width, V)) for start in range(0, V, width)]
+    width = chunks[0][1] - chunks[0][0]
     p_work = torch.empty(T, width, dtype=g.dtype, device=device)
     ds_work = torch.empty(T, width, dtype=x.dtype, device=device)
-    for start in range(0, V, width):
-        stop = min(start + width, V)
+    if cfg.score_gemm:
+        return _backward_score_gemm(g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
+                                    p_work, ds_work, grad_x, grad_keys, grad_values)
+    for start, stop in chunks:
         n = stop - start
         stage_chunk(cfg, x=x, keys=keys, knorm=knorm, tau=tau1, lse=lse, xoff=xoff, v_start=start, v_stop=stop,
                     l2=l2, p_out=p_work, grad=dict(sums, g=g, values=values, ds_out=ds_work))
@@ -203,6 +212,39 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
             matmul_into(grad_values[start:stop], p.T, g, cfg, tau=tau1)
             matmul_into(grad_keys[start:stop], ds.T, x, cfg, tau=tau1, rowsub=rowsub, scale=key_mul)
     grad_x.sub_(y.to(acc) * sums["rowsum"][:, None]).mul_(key_mul / tau)
+    grad_tau = -(sums["dtau"].reshape(()) - torch.dot(sums["rowsum"], sums["p_u"])) / tau
+    return grad_x, grad_keys, grad_values, grad_tau
+
+
+def _backward_score_gemm(g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
+                         p_work, ds_work, grad_x, grad_keys, grad_values):
+    """The staged backward with every product on cuBLAS: per chunk S = x K_c^T and dP = g V_c^T (fp32),
+    the staging kernel writes p and ds pre-scaled by k = (2 if l2 else 1) / tau (so no GEMM needs an
+    epilogue), then dx += ds K_c and the chunk's codebook rows P^T g + ds^T x - k c_v sum_t ds, added by
+    cuBLAS into fp32 accumulators. 10 T V d FLOPs, all GEMM."""
+    cfg = configs.get_config(keys.shape[0], x.shape[1], x.dtype, x.device)
+    acc = grad_x.dtype
+    tau1 = tau.reshape(1)
+    key_scale = (2.0 if l2 else 1.0) / tau1  # (1,) on the device: no host sync
+    shared = grad_keys is None
+    for start, stop in chunks:
+        n = stop - start
+        grad = dict(sums, g=g, values=values, ds_out=ds_work, scale_ds=True,
+                    dp_chunk=mm_acc(g, values[start:stop].T, acc))
+        stage_chunk(cfg, x=x, keys=keys, knorm=knorm, tau=tau1, lse=lse, xoff=xoff, v_start=start, v_stop=stop,
+                    l2=l2, p_out=p_work, grad=grad, s_chunk=mm_acc(x, keys[start:stop].T, acc))
+        p, ds, k_rows = p_work[:, :n], ds_work[:, :n], keys[start:stop]
+        addmm_acc(grad_x, ds, k_rows)
+        value_rows = mm_acc(p.T, g, acc)
+        key_rows = value_rows if shared else mm_acc(ds.T, x, acc)
+        if shared:
+            addmm_acc(key_rows, ds.T, x)
+        if l2:
+            key_rows.addcmul_(k_rows, (sums["colsum"][start:stop] * key_scale)[:, None], value=-1.0)
+        grad_values[start:stop].copy_(value_rows)
+        if not shared:
+            grad_keys[start:stop].copy_(key_rows)
+    grad_x.sub_(y.to(acc) * (sums["rowsum"] * key_scale)[:, None])
     grad_tau = -(sums["dtau"].reshape(()) - torch.dot(sums["rowsum"], sums["p_u"])) / tau
     return grad_x, grad_keys, grad_values, grad_tau
 

@@ -65,15 +65,23 @@ def mma(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
                L2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a_tv for a (BLOCK_T, BLOCK_V) tile: l2 (2<x,k> - ||k||^2)/tau, dot <x,k>/tau; -inf past V."""
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        kt = tl.load(k_ptr + cols[None, :] * stride_k + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(xt, kt, acc, PREC)
+               BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+               s_ptr, stride_s, s_col0, FROM_GEMM: tl.constexpr):
+    """a_tv for a (BLOCK_T, BLOCK_V) tile: l2 (2<x,k> - ||k||^2)/tau, dot <x,k>/tau; -inf past V.
+
+    FROM_GEMM: <x, k> comes from a chunk of the (T, V) product already computed by cuBLAS (fp32, column
+    v at v - s_col0) instead of the tile's own dot products (the cuBLAS-scores schedule, large d)."""
+    if FROM_GEMM:
+        acc = tl.load(s_ptr + rows[:, None] * stride_s + (cols - s_col0)[None, :],
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            kt = tl.load(k_ptr + cols[None, :] * stride_k + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(xt, kt, acc, PREC)
     if L2:
         knorm = tl.load(knorm_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         a = acc * (2.0 * inv_tau) - knorm[None, :] * inv_tau
@@ -117,23 +125,26 @@ def rowdot(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
                   p_ptr, counts_ptr,
                   g_ptr, v_ptr, delta_ptr, ds_ptr, colsum_ptr, rowsum_ptr, dtau_ptr, p_u_ptr,
+                  s_ptr, dp_ptr,
                   T, D, v_start, v_stop, log_v,
-                  stride_x, stride_k, stride_g, stride_v, stride_p, stride_ds,
+                  stride_x, stride_k, stride_g, stride_v, stride_p, stride_ds, stride_s,
                   L2: tl.constexpr, STORE_P: tl.constexpr, COUNTS: tl.constexpr, BACKWARD: tl.constexpr,
+                  FROM_GEMM: tl.constexpr, SCALE_DS: tl.constexpr,
                   PREC_S: tl.constexpr, PREC_DP: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_T, BLOCK_V) tile of the chunk [v_start, v_stop): exact p = exp(s - lse) from the
     final lse; optionally stores p (column v - v_start of the workspace), adds column sums of p to
     counts, and (BACKWARD) stores ds = p (<g, v> - delta), adds its column sums (l2 key term), its
     row sums (dx rewrite), sum ds * u and the row sums of p * u (temperature, u = log p + log V: see
-    softvq_kernels.triton.backward.backward) with atomics."""
+    softvq_kernels.triton.backward.backward) with atomics. FROM_GEMM: <x, k> and <g, v> are read from
+    cuBLAS products of the chunk (s_ptr, dp_ptr: (T, chunk) fp32, row stride stride_s)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
     col_ok = cols < v_stop
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
     a = score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-                   L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                   L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, v_start, FROM_GEMM)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     if L2:
         a = a - tl.load(xoff_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
@@ -146,16 +157,23 @@ def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
     if COUNTS:
         tl.atomic_add(counts_ptr + cols, tl.sum(p, 0), mask=col_ok)
     if BACKWARD:
-        dp = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            gt = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            vt = tl.load(v_ptr + cols[None, :] * stride_v + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            dp = mma(gt, vt, dp, PREC_DP)
+        if FROM_GEMM:
+            dp = tl.load(dp_ptr + rows[:, None] * stride_s + wcols[None, :], mask=ok, other=0.0).to(ACC)
+        else:
+            dp = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < D
+                gt = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                vt = tl.load(v_ptr + cols[None, :] * stride_v + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                dp = mma(gt, vt, dp, PREC_DP)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-        tl.store(ds_ptr + rows[:, None] * stride_ds + wcols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
+        if SCALE_DS:  # stored as d a / d<x, k> * ds, so the GEMMs over it need no epilogue scale
+            ds_out = ds * ((2.0 if L2 else 1.0) * inv_tau)
+        else:
+            ds_out = ds
+        tl.store(ds_ptr + rows[:, None] * stride_ds + wcols[None, :], ds_out.to(ds_ptr.dtype.element_ty), mask=ok)
         if L2:
             tl.atomic_add(colsum_ptr + cols, tl.sum(ds, 0), mask=col_ok)
         tl.atomic_add(rowsum_ptr + rows, tl.sum(ds, 1), mask=row_ok)
@@ -262,6 +280,33 @@ def _mm_fp32(a, b):
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
+def mm_acc(a, b, acc: torch.dtype) -> torch.Tensor:
+    """a @ b in the accumulation dtype: cuBLAS with an fp32 result for 16-bit CUDA operands; otherwise
+    the operands cast to acc (fp32 GEMMs stay IEEE fp32: torch does not use TF32 for matmul by default;
+    the interpreter tests take this branch)."""
+    if a.is_cuda and acc == torch.float32 and a.dtype in _LOW_PRECISION and b.dtype == a.dtype:
+        return _mm_fp32(a, b)
+    return a.to(acc) @ b.to(acc)
+
+
+_addmm_out_dtype_works: bool | None = None
+
+
+def addmm_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c += a @ b in c's (accumulation) dtype, in place: for 16-bit CUDA operands cuBLAS adds into the fp32 c
+    itself (beta = 1, no temporary), else through ``mm_acc``."""
+    global _addmm_out_dtype_works
+    if a.is_cuda and c.dtype == torch.float32 and a.dtype in _LOW_PRECISION and b.dtype == a.dtype:
+        if _addmm_out_dtype_works is not False:
+            try:
+                torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+                _addmm_out_dtype_works = True
+                return c
+            except (RuntimeError, TypeError):  # a torch without fp32-output addmm: the temporary below
+                _addmm_out_dtype_works = False
+    return c.add_(mm_acc(a, b, c.dtype))
+
+
 def _cublas_matmul_into(c, a, b, *, tau, second, rowsub, scale, accumulate):
     """``matmul_into``'s contract on cuBLAS: fp32 products of 16-bit tiles, epilogue as tensor ops
     (alpha = scale / tau stays on the device: no host sync)."""
@@ -282,10 +327,13 @@ def _cublas_matmul_into(c, a, b, *, tau, second, rowsub, scale, accumulate):
 
 
 def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
-                p_out=None, counts=None, grad=None):
+                p_out=None, counts=None, grad=None, s_chunk=None):
     """Launch ``_stage_kernel`` over rows x chunk columns [v_start, v_stop).
 
-    grad: None (forward) or a dict with g, values, delta, ds_out, colsum, rowsum, dtau, p_u, log_v (backward).
+    grad: None (forward) or a dict with g, values, delta, ds_out, colsum, rowsum, dtau, p_u, log_v,
+    optionally scale_ds (store ds times (2 if l2 else 1) / tau; the sums stay unscaled) (backward), and
+    with s_chunk also dp_chunk. s_chunk: None (scores from the kernel's own dot
+    products) or the chunk's <x, k> products (T, v_stop - v_start) fp32 from cuBLAS (``mm_acc``).
     """
     T, D = x.shape
     if T == 0 or v_stop <= v_start:
@@ -297,15 +345,23 @@ def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
     p_ptr = p_out if p_out is not None else dummy
     ds_ptr = g.get("ds_out", dummy)
     g_ptr = g.get("g", x)
+    from_gemm = s_chunk is not None
+    s_ptr = s_chunk if from_gemm else dummy
+    dp_ptr = g.get("dp_chunk", dummy) if from_gemm else dummy
+    if from_gemm and grad is not None:
+        assert dp_ptr.stride() == s_ptr.stride(), "the S and dP chunks must share a layout"
     _stage_kernel[grid](
         x, keys, knorm if knorm is not None else dummy, tau, lse, xoff if xoff is not None else dummy,
         p_ptr, counts if counts is not None else dummy,
         g_ptr, values, g.get("delta", dummy), ds_ptr,
         g.get("colsum", dummy), g.get("rowsum", dummy), g.get("dtau", dummy), g.get("p_u", dummy),
+        s_ptr, dp_ptr,
         T, D, v_start, v_stop, float(g.get("log_v", 0.0)),
         x.stride(0), keys.stride(0), g_ptr.stride(0), values.stride(0),
         p_ptr.stride(0) if p_out is not None else 0, ds_ptr.stride(0) if grad is not None else 0,
+        s_ptr.stride(0) if from_gemm else 0,
         L2=l2, STORE_P=p_out is not None, COUNTS=counts is not None, BACKWARD=grad is not None,
+        FROM_GEMM=from_gemm, SCALE_DS=bool(g.get("scale_ds", False)),
         PREC_S=dot_precision(x.dtype, keys.dtype),
         PREC_DP=dot_precision(g_ptr.dtype, values.dtype), ACC=tl_acc(tau.dtype),
         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,

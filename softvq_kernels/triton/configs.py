@@ -14,9 +14,13 @@ benchmarks/profile_triton.py, kernel times from triton.testing.do_bench):
   The FlashAttention-2 style fused backward (BLOCK x 256 fp32 accumulators on chip) ran at 53-78
   TFLOP/s whatever its tiles, the staged one (scores + dp on tensor cores, then GEMMs over the staged
   tiles) at 200: forward 0.71 ms, backward 1.67 ms (the first guess, 64x64 tiles: 1.28 + 6.07 ms).
-- 8192x128256x2048: 128x128 tiles with 8 warps, and the staged tiles multiplied by cuBLAS (fp32
-  output): forward 29.7 ms, backward 50.6 ms (with _mm_kernel 32.6 + 54.2; 64-row score tiles
-  37.4 + 67.1). Larger GEMM tiles or deeper pipelines exceed the 227 KB of shared memory.
+- 8192x128256x2048: 128x128 tiles with 8 warps, the scores and dp of each vocabulary chunk from cuBLAS
+  (``score_gemm``: Triton only reads them) and the staged tiles multiplied by cuBLAS into fp32
+  accumulators: forward 24.9 ms, backward 40.9 ms (own score tiles + cuBLAS 29.7 + 50.6; own score
+  tiles + _mm_kernel 32.6 + 54.2; 64-row score tiles 37.4 + 67.1). Larger GEMM tiles or deeper
+  pipelines exceed the 227 KB of shared memory.
+- d = 896 (8192x151936x896) keeps its own score tiles: there the cuBLAS scores were slower
+  (fwd+bwd 54.4 vs 46.6 ms through the API).
 fp32 entries are unmeasured.
 """
 
@@ -62,6 +66,9 @@ class KernelConfig:
     # Who multiplies the staged tiles: "triton" (_mm_kernel) or "cublas" (torch.mm with fp32 output, CUDA
     # 16-bit tiles only; anything else falls back to _mm_kernel).
     gemm: str = "triton"
+    # Large d (the staged schedule): take <x, k> and <g, v> from cuBLAS products of each vocabulary chunk
+    # (fp32, T x chunk) instead of the kernels' own tile products; Triton then only reads them.
+    score_gemm: bool = False
 
 
 # Interpreter (CPU): any block >= 16 works; larger blocks interpret faster.
@@ -75,7 +82,9 @@ _GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warp
                                   fused_bwd_max_d=0)
 _GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
                                   mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=8, mm_num_stages=3,
-                                  gemm="cublas")
+                                  gemm="cublas", score_gemm=True)
+# d = 896: the cuBLAS score products lost to the kernels' own (fwd+bwd 54.4 vs 46.6 ms at 8192x151936x896).
+_GPU_16BIT_MID_D = dataclasses.replace(_GPU_16BIT_LARGE_D, score_gemm=False)
 # fp32 runs IEEE fp32 products on the FMA units (no TF32): its fused backward spills, so it stages.
 _GPU_FP32 = KernelConfig(block_t=32, block_v=64, block_k=32, num_warps=4, num_stages=2, fused_max_d=128,
                          fused_bwd_max_d=0, mm_block_m=64, mm_block_n=64, mm_block_k=32, mm_num_warps=4,
@@ -84,7 +93,7 @@ _GPU_FP32 = KernelConfig(block_t=32, block_v=64, block_k=32, num_warps=4, num_st
 # Exact entries for the reference shapes (V, d, dtype); other keys use the rule in _default.
 TABLE: dict[tuple[int, int, torch.dtype], KernelConfig] = {
     (32000, 256, torch.bfloat16): _GPU_16BIT_SMALL_D,
-    (151936, 896, torch.bfloat16): _GPU_16BIT_LARGE_D,
+    (151936, 896, torch.bfloat16): _GPU_16BIT_MID_D,
     (128256, 2048, torch.bfloat16): _GPU_16BIT_LARGE_D,
     (128256, 4096, torch.bfloat16): _GPU_16BIT_LARGE_D,
 }
@@ -116,7 +125,8 @@ def _load_env_table() -> None:
 def _default(V: int, d: int, dtype: torch.dtype) -> KernelConfig:
     if dtype in (torch.float32, torch.float64):
         return _GPU_FP32
-    return _GPU_16BIT_SMALL_D if triton.next_power_of_2(d) <= 256 else _GPU_16BIT_LARGE_D
+    d_pad = triton.next_power_of_2(d)
+    return _GPU_16BIT_SMALL_D if d_pad <= 256 else _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
 
 
 def get_config(V: int, d: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:

@@ -17,6 +17,8 @@ from softvq_kernels.triton.common import (
     mma,
     rowdot,
     rows_contiguous,
+    addmm_acc,
+    mm_acc,
     score_tile,
     stage_chunk,
     tl_acc,
@@ -25,14 +27,17 @@ from softvq_kernels.triton.common import (
 
 @triton.jit
 def _online_kernel(x_ptr, k_ptr, v_ptr, knorm_ptr, tau_ptr,
-                   m_ptr, l_ptr, idx_ptr, acc_ptr,
-                   T, V, D, tiles_per_split,
-                   stride_x, stride_k, stride_v, stride_acc_s, stride_acc_t,
-                   L2: tl.constexpr, ACC_Y: tl.constexpr, PREC_S: tl.constexpr, PREC_Y: tl.constexpr,
+                   m_ptr, l_ptr, idx_ptr, acc_ptr, s_ptr,
+                   T, V, D, tiles_per_split, tile0, slot0,
+                   stride_x, stride_k, stride_v, stride_acc_s, stride_acc_t, stride_s,
+                   L2: tl.constexpr, ACC_Y: tl.constexpr, FROM_GEMM: tl.constexpr,
+                   PREC_S: tl.constexpr, PREC_Y: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                    D_PAD: tl.constexpr):
     """Program (t-block, split): online max m, sum l (relative to m), first argmax, and with ACC_Y the
-    unnormalised sum_v exp(a - m) v over the split's vocabulary tiles; written to the split's slot."""
+    unnormalised sum_v exp(a - m) v over the split's vocabulary tiles; written to the split's slot.
+    FROM_GEMM: the tiles tile0 + [0, tiles_per_split) of one vocabulary chunk whose <x, k> products cuBLAS
+    wrote to s_ptr (column tile0 * BLOCK_V first), into slot slot0 + split (V: the chunk's end)."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -44,13 +49,13 @@ def _online_kernel(x_ptr, k_ptr, v_ptr, knorm_ptr, tau_ptr,
     if ACC_Y:
         dcols = tl.arange(0, D_PAD)
         acc = tl.zeros((BLOCK_T, D_PAD), dtype=ACC)
-    first = split * tiles_per_split
+    first = tile0 + split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         a = score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                       L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, tile0 * BLOCK_V, FROM_GEMM)
         tile_max = tl.max(a, 1)
         tile_arg = tl.argmax(a, 1).to(tl.int32) + tile * BLOCK_V
         idx = tl.where(tile_max > m, tile_arg, idx)  # strict: ties keep the first index
@@ -63,7 +68,7 @@ def _online_kernel(x_ptr, k_ptr, v_ptr, knorm_ptr, tau_ptr,
                          mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
             acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC_Y)
         m = m_new
-    out = split * T + rows
+    out = (slot0 + split) * T + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
     tl.store(idx_ptr + out, idx.to(tl.int64), mask=row_ok)
@@ -119,23 +124,19 @@ def forward(x, keys, values, tau, l2, need_counts):
     idx = torch.empty(n_split, T, dtype=torch.int64, device=device)
     part = torch.empty(n_split, T, d, dtype=acc, device=device) if fused else m
     grid = (triton.cdiv(T, cfg.block_t), n_split)
+    if not fused and cfg.score_gemm:
+        return _forward_score_gemm(cfg, x, keys, values, tau, l2, need_counts, knorm, counts, acc)
     _online_kernel[grid](
-        x, keys, values, knorm if l2 else tau, tau, m, l, idx, part,
-        T, V, d, per_split,
+        x, keys, values, knorm if l2 else tau, tau, m, l, idx, part, x,
+        T, V, d, per_split, 0, 0,
         x.stride(0), keys.stride(0), values.stride(0),
-        part.stride(0) if fused else 0, part.stride(1) if fused else 0,
-        L2=l2, ACC_Y=fused, PREC_S=dot_precision(x.dtype, keys.dtype), PREC_Y=dot_precision(values.dtype),
+        part.stride(0) if fused else 0, part.stride(1) if fused else 0, 0,
+        L2=l2, ACC_Y=fused, FROM_GEMM=False,
+        PREC_S=dot_precision(x.dtype, keys.dtype), PREC_Y=dot_precision(values.dtype),
         ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, D_PAD=d_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # Merge the splits by their LSE (a no-op rescale when there is one split).
-    m_max = m.max(dim=0).values
-    w = torch.exp(m - m_max)
-    total = (w * l).sum(dim=0)
-    lse_a = m_max + total.log()
-    indices = idx.gather(0, m.argmax(dim=0, keepdim=True)).squeeze(0)
-    xoff = x_offset(x, tau.reshape(())) if l2 else None
-    lse = lse_a - xoff if l2 else lse_a
+    w, total, lse, indices, xoff = _merge_splits(m, l, idx, x, tau, l2)
     if fused:
         y = part[0] if n_split == 1 else (part * w[:, :, None]).sum(dim=0)  # elementwise: never TF32
         y = y.div_((total if n_split > 1 else l[0])[:, None])
@@ -152,6 +153,64 @@ def forward(x, keys, values, tau, l2, need_counts):
         stage_chunk(cfg, x=x, keys=keys, knorm=knorm, tau=tau, lse=lse, xoff=xoff,
                     v_start=start, v_stop=stop, l2=l2, p_out=work, counts=counts)
         matmul_into(y, work[:, : stop - start], values[start:stop], cfg, tau=tau, accumulate=start > 0)
+    return y, lse, indices, counts
+
+
+def _merge_splits(m, l, idx, x, tau, l2):
+    """Merge per-split (m, l, idx) by their LSE (a no-op rescale for one split): (weights, sum, true lse,
+    argmax, ||x||^2 / tau or None)."""
+    m_max = m.max(dim=0).values
+    w = torch.exp(m - m_max)
+    total = (w * l).sum(dim=0)
+    lse_a = m_max + total.log()
+    indices = idx.gather(0, m.argmax(dim=0, keepdim=True)).squeeze(0)
+    xoff = x_offset(x, tau.reshape(())) if l2 else None
+    lse = lse_a - xoff if l2 else lse_a
+    return w, total, lse, indices, xoff
+
+
+def score_chunks(cfg, T: int, V: int):
+    """[(start, stop)] of the cuBLAS-scores schedule: chunks whose fp32 (T, width) product fits the
+    workspace budget; forward and backward use the same chunks, so every score is the same cuBLAS
+    product bit for bit (p = 1 exactly at a one-hot argmax)."""
+    width = _chunk_width(cfg, T, V, 4)
+    return [(start, min(start + width, V)) for start in range(0, V, width)]
+
+
+def _forward_score_gemm(cfg, x, keys, values, tau, l2, need_counts, knorm, counts, acc):
+    """Large d on cuBLAS: per vocabulary chunk S = x K_c^T (fp32), the online lse / argmax kernel reads S;
+    then per chunk S again, exact p tiles from S (the staging kernel) and y += P V_c. 6 T V d FLOPs, all
+    of them cuBLAS GEMMs; Triton only reads S and writes P."""
+    T, d = x.shape
+    V = keys.shape[0]
+    chunks = score_chunks(cfg, T, V)
+    splits = [_num_splits(cfg, T, stop - start, x.device) for start, stop in chunks]  # (tiles each, count)
+    n_slots = sum(n for _, n in splits)
+    m = torch.empty(n_slots, T, dtype=acc, device=x.device)
+    l = torch.empty_like(m)
+    idx = torch.empty(n_slots, T, dtype=torch.int64, device=x.device)
+    slot = 0
+    for (start, stop), (per_split, n_split) in zip(chunks, splits):
+        s = mm_acc(x, keys[start:stop].T, acc)
+        _online_kernel[(triton.cdiv(T, cfg.block_t), n_split)](
+            x, keys, values, knorm if l2 else tau, tau, m, l, idx, m, s,
+            T, stop, d, per_split, start // cfg.block_v, slot,
+            x.stride(0), keys.stride(0), values.stride(0), 0, 0, s.stride(0),
+            L2=l2, ACC_Y=False, FROM_GEMM=True,
+            PREC_S=dot_precision(x.dtype, keys.dtype), PREC_Y=dot_precision(values.dtype),
+            ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, D_PAD=16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        slot += n_split
+    _, _, lse, indices, xoff = _merge_splits(m, l, idx, x, tau, l2)
+    y = torch.zeros(T, d, dtype=acc, device=x.device)
+    width = chunks[0][1] - chunks[0][0]
+    work = torch.empty(T, width, dtype=values.dtype, device=x.device)
+    for start, stop in chunks:
+        s = mm_acc(x, keys[start:stop].T, acc)
+        stage_chunk(cfg, x=x, keys=keys, knorm=knorm, tau=tau, lse=lse, xoff=xoff,
+                    v_start=start, v_stop=stop, l2=l2, p_out=work, counts=counts, s_chunk=s)
+        addmm_acc(y, work[:, : stop - start], values[start:stop])
     return y, lse, indices, counts
 
 
