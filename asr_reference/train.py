@@ -259,7 +259,7 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     if logf:
         logf.close()
     summary = {"run": str(run), "vq": cfg.vq, "steps": step, "epochs": round(epoch + pos / max(1, len(batches)), 2),
-               "seconds": round(time.time() - t0, 1), **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "vq", "ppl")}}
+               "seconds": round(time.time() - t0, 1), **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "tctc", "vq", "ppl")}}
     if rank == 0 and not args.quiet:
         log(f"train: done {json.dumps(summary)}")
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,79 @@ def test_forward_backward(tiny, vq):
         assert "vq" in out and torch.isfinite(out["ppl"])
     hyps = model.eval().transcribe(wav[:2], lens[:2], max_new_tokens=5)
     assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+
+
+def test_ctc_compress_drops_blanks_and_merges_runs():
+    from asr_reference.model import ctc_compress
+
+    x = torch.arange(12, dtype=torch.float).view(1, 6, 2).repeat(2, 1, 1).requires_grad_()
+    ids = torch.tensor([[0, 5, 5, 0, 5, 7], [3, 3, 3, 0, 0, 0]])
+    out, lens = ctc_compress(x, torch.tensor([6, 2]), ids, blank=0)
+    assert lens.tolist() == [3, 1]  # "5 5 | 5 | 7" and "3 3" (the third 3 is past the length)
+    assert torch.equal(out[0], torch.tensor([[3.0, 4.0], [8.0, 9.0], [10.0, 11.0]]))  # mean of each run
+    assert torch.equal(out[1, 0], torch.tensor([1.0, 2.0]))
+    out[0].sum().backward()
+    assert x.grad[0, :, 0].tolist() == [0.0, 0.5, 0.5, 0.0, 1.0, 1.0] and x.grad[1].abs().sum() == 0
+    none, zero = ctc_compress(x, torch.tensor([6, 6]), torch.zeros(2, 6, dtype=torch.long), blank=0)
+    assert zero.tolist() == [0, 0]
+
+
+@pytest.mark.skipif(not _softvq_ready(), reason="no SoftVQ")
+def test_token_ctc_is_on_the_vq_distribution(tiny):
+    """The token CTC uses exactly the distribution soft VQ mixes the codebook with, and trains it."""
+    import torch.nn.functional as F
+
+    from asr_reference.lm import encode
+
+    model = _model(tiny, "soft")
+    model.cfg.specaug, model.cfg.compress = False, False
+    model.eval()
+    wav, lens, texts = _batch(tiny)
+    audio, alens, aux = model.embed_audio(wav, lens)
+    probs = aux["token_logits"].softmax(-1)
+    mixed = probs @ model.vq.codebook
+    for i in range(len(texts)):
+        n = int(alens[i])
+        torch.testing.assert_close(audio[i, :n], mixed[i, :n], rtol=1e-4, atol=1e-4)
+    out = model(wav, lens, texts)
+    targets = [torch.tensor(encode(model.tokenizer, t)) for t in texts]
+    want = F.ctc_loss(aux["token_logits"].log_softmax(-1).transpose(0, 1), torch.cat(targets), alens,
+                      torch.tensor([len(t) for t in targets]), blank=model.blank_id, zero_infinity=True)
+    torch.testing.assert_close(out["tctc"], want.detach(), rtol=1e-5, atol=1e-5)
+    # the token CTC alone moves the codebook, the temperature and the encoder, and goes down when trained
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        _, plen, aux = model.embed_audio(wav, lens)
+        loss = F.ctc_loss(aux["token_logits"].log_softmax(-1).transpose(0, 1), torch.cat(targets), plen,
+                          torch.tensor([len(t) for t in targets]), blank=model.blank_id, zero_infinity=True)
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        assert model.vq.codebook.grad.abs().sum() > 0 and model.vq.log_temperature.grad.abs() > 0
+        assert model.encoder.sub.conv[0].weight.grad.abs().sum() > 0
+        opt.step()
+    assert float(loss.detach()) < 0.8 * first, (first, float(loss.detach()))
+
+
+@pytest.mark.parametrize("vq", MODES)
+def test_compressed_prefix_is_one_frame_per_collapsed_token(tiny, vq):
+    model = _model(tiny, vq).eval()
+    assert model.cfg.compress and model.cfg.token_ctc_weight > 0  # the defaults
+    wav, lens, texts = _batch(tiny)
+    audio, alens, aux = model.embed_audio(wav, lens)
+    ids = aux["token_logits"].argmax(-1)
+    for i in range(len(texts)):
+        seq = ids[i, : int(aux["proj_lens"][i])].tolist()
+        collapsed = [t for j, t in enumerate(seq) if t != model.blank_id and (j == 0 or t != seq[j - 1])]
+        assert int(alens[i]) == len(collapsed)
+        if vq == "hard":  # the LLM reads exactly the codes of those tokens
+            torch.testing.assert_close(audio[i, : len(collapsed)], model.vq.codebook[collapsed])
+    model.train()
+    model.cfg.straight_through = False
+    out = model(wav, lens, texts)
+    out["loss"].backward()
+    assert torch.isfinite(out["tctc"]) and model.projector.mlp[0].weight.grad.abs().sum() > 0
 
 
 def test_lora_adapters_train_and_save(tiny):
@@ -159,10 +233,17 @@ def test_eval_cli_prints_wer_cer_last(tiny, capsys):
     assert (run / "hyp_test_ood_noise_b1.jsonl").is_file()
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one clashed once with another run on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_ddp_two_cpu_processes(tiny):
     run = tiny["root"] / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "asr_reference", "train", "--train", str(tiny["train"]), "--llm", str(tiny["lm"]),
            "--run-dir", str(run), "--vq", "soft" if _softvq_ready() else "none", "--steps", "3", "--batch-size", "2",
            "--enc-dim", "32", "--enc-layers", "1", "--warmup", "1", "--device", "cpu"]
