@@ -13,6 +13,29 @@ import softvq_kernels as sk
 from benchmarks.bench_op import parse_shape
 
 
+def kernel_times(fn, calls: int = 3) -> list[tuple[str, int, float]]:
+    """[(kernel name, launches per call, ms per call)] of ``calls`` runs of ``fn`` under torch.profiler,
+    slowest first (fn is run once before, so compilation stays out)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((evt.key[:70], evt.count // calls, t / calls / 1e3))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def print_rows(title: str, rows, top: int = 10) -> None:
+    print(title)
+    for name, n, ms in rows[:top]:
+        print(f"  {ms:9.3f} ms  x{n:<5d} {name}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--backend", default="cuda")
@@ -30,21 +53,8 @@ def main():
             y = sk.soft_vq(x, c, float(d) ** 0.5, backend=args.backend)
             y.backward(g)
 
-        step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        rows = []
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-            if t > 0:
-                rows.append((evt.key[:70], evt.count // 3, t / 3 / 1e3))
-        rows.sort(key=lambda r: -r[2])
-        print(f"--- {args.backend} {text} fwd+bwd per call, total {sum(r[2] for r in rows):.2f} ms")
-        for name, n, ms in rows[:10]:
-            print(f"  {ms:9.3f} ms  x{n:<5d} {name}")
+        rows = kernel_times(step)
+        print_rows(f"--- {args.backend} {text} fwd+bwd per call, total {sum(r[2] for r in rows):.2f} ms", rows)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import triton.testing
 
 from benchmarks.bench_op import parse_shape
+from benchmarks.profile_backend import kernel_times, print_rows
 from softvq_kernels.triton import configs
 
 # The package binds the backend functions ``forward``/``backward`` over its submodules' names.
@@ -36,27 +37,12 @@ def _problem(T, V, d, dtype):
 def kernel_breakdown(T, V, d, dtype, l2=True):
     x, c, g, tau = _problem(T, V, d, dtype)
     y, lse, _, _ = tfwd.forward(x, c, c, tau, l2, False)
-    tbwd.backward(g, x, c, c, tau, l2, y, lse)
-    torch.cuda.synchronize()
+    phases = {"fwd": lambda: tfwd.forward(x, c, c, tau, l2, False),
+              "bwd": lambda: tbwd.backward(g, x, c, c, tau, l2, y, lse)}
     out = {}
-    for phase in ("fwd", "bwd"):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                if phase == "fwd":
-                    tfwd.forward(x, c, c, tau, l2, False)
-                else:
-                    tbwd.backward(g, x, c, c, tau, l2, y, lse)
-            torch.cuda.synchronize()
-        rows = []
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-            if t > 0:
-                rows.append((evt.key[:60], evt.count // 3, t / 3 / 1e3))
-        rows.sort(key=lambda r: -r[2])
-        out[phase] = rows
-        print(f"--- {T}x{V}x{d} {phase}: per call")
-        for name, n, ms in rows[:8]:
-            print(f"  {ms:9.3f} ms  x{n:<5d} {name}")
+    for phase, fn in phases.items():
+        out[phase] = kernel_times(fn)
+        print_rows(f"--- {T}x{V}x{d} {phase}: per call", out[phase], top=8)
     return out
 
 

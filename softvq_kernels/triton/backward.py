@@ -196,7 +196,7 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     p_work = torch.empty(T, width, dtype=g.dtype, device=device)
     ds_work = torch.empty(T, width, dtype=x.dtype, device=device)
     if cfg.score_gemm:
-        return _backward_score_gemm(g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
+        return _backward_score_gemm(cfg, g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
                                     p_work, ds_work, grad_x, grad_keys, grad_values)
     for start, stop in chunks:
         n = stop - start
@@ -216,13 +216,12 @@ def backward(grad_y, x, keys, values, tau, l2, y, lse):
     return grad_x, grad_keys, grad_values, grad_tau
 
 
-def _backward_score_gemm(g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
+def _backward_score_gemm(cfg, g, x, keys, values, tau, l2, y, lse, knorm, xoff, sums, chunks,
                          p_work, ds_work, grad_x, grad_keys, grad_values):
     """The staged backward with every product on cuBLAS: per chunk S = x K_c^T and dP = g V_c^T (fp32),
     the staging kernel writes p and ds pre-scaled by k = (2 if l2 else 1) / tau (so no GEMM needs an
     epilogue), then dx += ds K_c and the chunk's codebook rows P^T g + ds^T x - k c_v sum_t ds, added by
     cuBLAS into fp32 accumulators. 10 T V d FLOPs, all GEMM."""
-    cfg = configs.get_config(keys.shape[0], x.shape[1], x.dtype, x.device)
     acc = grad_x.dtype
     tau1 = tau.reshape(1)
     key_scale = (2.0 if l2 else 1.0) / tau1  # (1,) on the device: no host sync

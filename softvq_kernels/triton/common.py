@@ -310,6 +310,8 @@ def addmm_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 def _cublas_matmul_into(c, a, b, *, tau, second, rowsub, scale, accumulate):
     """``matmul_into``'s contract on cuBLAS: fp32 products of 16-bit tiles, epilogue as tensor ops
     (alpha = scale / tau stays on the device: no host sync)."""
+    if accumulate and second is None and scale is None and c.dtype == torch.float32:
+        return addmm_acc(c, a, b)  # cuBLAS adds into c itself: no temporary
     out = _mm_fp32(a, b)
     if second is not None or scale is not None:
         scaled = _mm_fp32(*second) if second is not None else out

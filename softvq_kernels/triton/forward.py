@@ -118,14 +118,14 @@ def forward(x, keys, values, tau, l2, need_counts):
     knorm = rowdot(keys) if l2 else None
     d_pad = triton.next_power_of_2(d)
     fused = d_pad <= cfg.fused_max_d
+    if not fused and cfg.score_gemm:
+        return _forward_score_gemm(cfg, x, keys, values, tau, l2, knorm, counts, acc)
     per_split, n_split = _num_splits(cfg, T, V, device)
     m = torch.empty(n_split, T, dtype=acc, device=device)
     l = torch.empty(n_split, T, dtype=acc, device=device)
     idx = torch.empty(n_split, T, dtype=torch.int64, device=device)
     part = torch.empty(n_split, T, d, dtype=acc, device=device) if fused else m
     grid = (triton.cdiv(T, cfg.block_t), n_split)
-    if not fused and cfg.score_gemm:
-        return _forward_score_gemm(cfg, x, keys, values, tau, l2, need_counts, knorm, counts, acc)
     _online_kernel[grid](
         x, keys, values, knorm if l2 else tau, tau, m, l, idx, part, x,
         T, V, d, per_split, 0, 0,
@@ -177,7 +177,7 @@ def score_chunks(cfg, T: int, V: int):
     return [(start, min(start + width, V)) for start in range(0, V, width)]
 
 
-def _forward_score_gemm(cfg, x, keys, values, tau, l2, need_counts, knorm, counts, acc):
+def _forward_score_gemm(cfg, x, keys, values, tau, l2, knorm, counts, acc):
     """Large d on cuBLAS: per vocabulary chunk S = x K_c^T (fp32), the online lse / argmax kernel reads S;
     then per chunk S again, exact p tiles from S (the staging kernel) and y += P V_c. 6 T V d FLOPs, all
     of them cuBLAS GEMMs; Triton only reads S and writes P."""
