@@ -1,8 +1,10 @@
 """Text normalisation, espeak-ng synthesis, noise, sentence-level splits and NeMo-style manifests.
 
-A manifest is JSON lines: ``{"audio_filepath": "...", "text": "...", "duration": 1.23}`` with 16 kHz
-mono WAV audio (relative paths are resolved against the manifest's folder). Every command reads
-manifests through :func:`read_manifest`, which names the file and line of anything wrong.
+A manifest is JSON lines: ``{"audio_filepath": "...", "text": "...", "duration": 1.23}``; the audio may be
+any file :func:`asr_reference.audio.read_audio` reads (WAV of any bit depth, FLAC, ..., any sample rate,
+mono or stereo; it is resampled to the encoder's rate when loaded). Relative paths are resolved against
+the manifest's folder. Every command reads manifests through :func:`read_manifest`, which names the
+file and line of anything wrong.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from pathlib import Path
 import torch
 import torchaudio.functional as AF
 
+from asr_reference.audio import audio_info, read_audio
+from asr_reference.errors import AudioError, ManifestError
+
 SAMPLE_RATE = 16000
-
-
-class ManifestError(ValueError):
-    """A manifest line that cannot be used; the message names the file and line."""
+# a manifest duration further than 0.1 s + 5% from the file's own length means a truncated or wrong file
+DURATION_TOLERANCE_S, DURATION_TOLERANCE_FRACTION = 0.1, 0.05
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -78,22 +81,13 @@ def write_wav(path: str | Path, audio: torch.Tensor, sr: int = SAMPLE_RATE) -> N
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Mono float32 waveform in [-1, 1] and its sample rate (16-bit PCM WAV; stereo is averaged)."""
-    with wave.open(str(path), "rb") as f:
-        sr, ch, width, n = f.getframerate(), f.getnchannels(), f.getsampwidth(), f.getnframes()
-        data = f.readframes(n)
-    if width != 2:
-        raise ValueError(f"{path}: only 16-bit PCM WAV is supported, got {8 * width}-bit")
-    audio = torch.frombuffer(bytearray(data), dtype=torch.int16).float() / 32768.0
-    if ch > 1:
-        audio = audio.view(-1, ch).mean(1)
-    return audio, sr
+    """Mono float32 waveform in [-1, 1] and its sample rate (any format :func:`read_audio` reads)."""
+    return read_audio(path)
 
 
 def wav_info(path: str | Path) -> tuple[int, int]:
-    """(sample rate, number of frames) from the WAV header."""
-    with wave.open(str(path), "rb") as f:
-        return f.getframerate(), f.getnframes()
+    """(sample rate, number of frames) from the audio header."""
+    return audio_info(path)
 
 
 @dataclass(frozen=True)
@@ -144,52 +138,91 @@ def write_manifest(path: str | Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def read_manifest(path: str | Path, check_audio: bool = True, sample_rate: int = SAMPLE_RATE) -> list[dict]:
+def read_manifest(path: str | Path, check_audio: bool = True) -> list[dict]:
     """Rows of a JSON-lines manifest, validated; errors say ``FILE:LINE: what is wrong``.
 
-    Relative audio paths are resolved against the manifest's folder. With ``check_audio`` each WAV
-    header is read: the file must exist and be ``sample_rate`` Hz.
+    Each row is ``{"audio_filepath": absolute path, "text", "duration": seconds, "where": "FILE:LINE"}``
+    (``where`` lets later audio errors name the line). Relative audio paths are resolved against the
+    manifest's folder. With ``check_audio`` each audio header is read: the file must exist, be
+    readable, have samples and, when the line gives a duration, be about that long (a truncated file
+    is not). Without it a missing duration is an error (it is needed for batching by seconds).
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    # bytes, decoded line by line: a line in another encoding is named instead of failing the whole file
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for key in ("audio_filepath", "text"):
-            if key not in row:
-                raise ManifestError(f"{where}: missing key {key!r}")
-        text = row["text"]
-        if not isinstance(text, str) or not normalize_text(text):
-            raise ManifestError(f"{where}: empty text for {row['audio_filepath']}")
-        audio = Path(row["audio_filepath"])
-        if not audio.is_absolute():
-            audio = path.parent / audio
-        if check_audio:
-            if not audio.is_file():
-                raise ManifestError(f"{where}: audio file not found: {audio}")
-            try:
-                sr, frames = wav_info(audio)
-            except (wave.Error, EOFError) as exc:
-                raise ManifestError(f"{where}: cannot read WAV {audio} ({exc})") from None
-            if sr != sample_rate:
-                raise ManifestError(f"{where}: {audio} has sample rate {sr} Hz, expected {sample_rate} Hz "
-                                    f"(resample it, e.g. sox in.wav -r {sample_rate} out.wav)")
-            if frames == 0:
-                raise ManifestError(f"{where}: {audio} has no samples")
-        rows.append({"audio_filepath": str(audio), "text": text,
-                     "duration": float(row.get("duration", 0.0))})
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}; "
+                                f"re-encode the manifest, e.g. iconv -f latin1 -t utf-8)") from None
+        if not line.strip():
+            continue
+        rows.append(_manifest_row(line, where, path.parent, check_audio))
     if not rows:
         raise ManifestError(f"{path}: manifest has no entries")
     return rows
+
+
+def _manifest_row(line: str, where: str, folder: Path, check_audio: bool) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("audio_filepath", "text"):
+        if key not in row:
+            raise ManifestError(f"{where}: missing key {key!r}")
+    audio_field = row["audio_filepath"]
+    if not isinstance(audio_field, str) or not audio_field.strip():
+        raise ManifestError(f"{where}: audio_filepath must be a non-empty path string, got {audio_field!r}")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise ManifestError(f"{where}: text must be a string, got {text!r}")
+    if not normalize_text(text):
+        raise ManifestError(f"{where}: empty text for {audio_field}")
+    duration = row.get("duration")
+    if "duration" in row:
+        # bool is an int subclass; "1.5" as a string is a sign of a broken writer, so refuse it too
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration) \
+                or duration <= 0:
+            raise ManifestError(f"{where}: duration must be a positive number of seconds, got {duration!r}")
+        duration = float(duration)
+    audio = Path(audio_field)
+    if not audio.is_absolute():
+        audio = folder / audio
+    if check_audio:
+        if not audio.is_file():
+            raise ManifestError(f"{where}: audio file not found: {audio}")
+        try:
+            sr, frames = audio_info(audio)
+        except AudioError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        if frames == 0:
+            raise ManifestError(f"{where}: {audio} has no samples")
+        actual = frames / sr
+        if duration is not None and abs(actual - duration) > DURATION_TOLERANCE_S + DURATION_TOLERANCE_FRACTION * duration:
+            raise ManifestError(f"{where}: {audio} is {actual:.2f} s long but the manifest says {duration:.2f} s "
+                                f"(truncated or wrong file?)")
+        # the header's frame count (not the rounded manifest duration) orders the length buckets
+        return {"audio_filepath": str(audio), "text": text, "duration": actual if duration is None else duration,
+                "where": where, "frames": frames, "sample_rate": sr}
+    if duration is None:
+        raise ManifestError(f"{where}: missing key 'duration' (needed when audio headers are not read)")
+    return {"audio_filepath": str(audio), "text": text, "duration": duration, "where": where}
+
+
+def load_row_audio(row: dict, sample_rate: int) -> torch.Tensor:
+    """(samples,) waveform of a manifest row at ``sample_rate``; errors name the manifest line."""
+    try:
+        audio, _ = read_audio(row["audio_filepath"], sample_rate)
+    except AudioError as exc:
+        raise AudioError(f"{row.get('where', row['audio_filepath'])}: {exc}") from None
+    return audio
 
 
 # ---------------------------------------------------------------------------------------- conditions

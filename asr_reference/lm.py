@@ -123,11 +123,20 @@ def pretrain_lm(text_file: str | Path, out_dir: str | Path, steps: int = 300, ba
 
 
 def load_lm(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from any local HF causal-LM folder."""
+    """(model, tokenizer) from any local HF causal-LM folder: bf16 on a GPU (the LLM is frozen, so its
+    weights need no fp32 master copy), fp32 on the CPU. A tokenizer without a pad token is left so: the
+    ASR model gives the CTC blank a row of its own instead of aliasing eos."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from asr_reference.encoders import _load_pretrained, check_model_folder
+
+    path = check_model_folder(path, "LLM")
+    tokenizer = _load_pretrained(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(path, local_files_only=True))
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = _load_pretrained(path, "causal LM", lambda: AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True)).to(device)
+    if tokenizer.eos_token_id is None:
+        from asr_reference.errors import ModelLoadError
+
+        raise ModelLoadError(f"{path}: the tokenizer has no eos token; ASR decoding needs one")
     return model, tokenizer

@@ -1,26 +1,30 @@
-"""LLM-ASR: log-mel -> Conformer encoder -> projector -> SoftVQ (codebook = LLM input embeddings) -> CTC
+"""LLM-ASR: log-mel -> Conformer encoder (or a pretrained HF speech encoder) -> projector -> SoftVQ (codebook = LLM input embeddings) -> CTC
 collapse -> frozen LLM.
 
 The LLM sees ``[<s>] [audio embeddings] transcript: <text> </s>`` and is trained (encoder, projector,
 VQ codebook/temperature and, with ``lora_rank > 0``, LoRA adapters; the LLM's own weights stay frozen)
 with the next-token loss on ``<text> </s>``. A token CTC on the VQ's own distribution over the LLM
-vocabulary (blank = the pad token) makes the quantiser a token classifier; the CTC collapse of its
+vocabulary (blank = the pad token, or a dedicated extra code when the tokenizer has none) makes the quantiser a token classifier; the CTC collapse of its
 argmax (drop blanks, merge repeats) then gives the LLM about one token embedding per BPE token. An
 optional character CTC on the encoder output speeds up learning on small data.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from asr_reference.features import LogMel, SpecAugment
-from asr_reference.lm import PROMPT, encode, special_ids
+from asr_reference.errors import CheckpointError, ModelLoadError
+from asr_reference.lm import encode, special_ids
 
 VQ_MODES = ("none", "hard", "soft")
+# decoding budget: tokens per second of audio (generous: speech is ~3 words/s, ~1.3-2 BPE tokens a word)
+TOKENS_PER_SECOND = 10
+MIN_NEW_TOKENS = 48  # the earlier fixed budget; short utterances keep it
 CTC_CHARS = " 'abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -67,10 +71,59 @@ class ASRConfig:
     # LLM the chosen codes as constants (False: the encoder then learns from the CTC losses alone)
     straight_through: bool = False
     specaug: bool = True
+    # "" = the built-in log-mel + Conformer trained from scratch; else a local HF folder (Whisper, wav2vec2,
+    # HuBERT, WavLM), frozen unless finetune_encoder. The projector takes its width; stack = 0 picks the
+    # number of frames that makes ~80 ms projector frames from its frame rate
+    encoder: str = ""
+    finetune_encoder: bool = False
+    # what the LLM reads around the audio: "{audio}" marks where the audio embeddings go; the default is
+    # "<s> [audio] transcript:". With chat_template the rendered prompt is the user turn of the tokenizer's
+    # chat template (with the generation prompt after it)
+    prompt: str = "{audio} transcript:"
+    chat_template: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> "ASRConfig":
+        """A config from its saved dict; keys added since the run was made get their defaults."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: the model config is not a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise CheckpointError(f"{where}: unknown config keys {unknown} (made by a newer version?)")
+        return cls(**raw)
+
+
+AUDIO_SLOT = "{audio}"
+
+
+def prompt_token_ids(tokenizer, template: str, chat: bool) -> tuple[list[int], list[int]]:
+    """(ids before the audio, ids after it) for a prompt template containing ``{audio}``.
+
+    Plain: ``[bos] before {audio} after``. Chat: the template (with ``{audio}``) is the user message of
+    the tokenizer's chat template, with the assistant generation prompt; the chat template supplies bos.
+    """
+    if template.count(AUDIO_SLOT) != 1:
+        raise ValueError(f"the prompt template must contain {AUDIO_SLOT} exactly once, got {template!r}")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(f"{tokenizer.name_or_path}: the tokenizer has no chat template (drop --chat-template)")
+        marker = "\u0000AUDIO\u0000"  # a string no chat template contains, found again after rendering
+        text = tokenizer.apply_chat_template([{"role": "user", "content": template.replace(AUDIO_SLOT, marker)}],
+                                             add_generation_prompt=True, tokenize=False)
+        before, after = text.split(marker, 1)
+        return ids(before), ids(after)
+    before, after = template.split(AUDIO_SLOT, 1)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + ids(before), ids(after)
 
 
 class ConvSubsample(nn.Module):
@@ -184,19 +237,35 @@ class LLMASR(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id = special_ids(tokenizer)
-        self.blank_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-        self.features = LogMel(cfg.n_mels)
-        self.specaug = SpecAugment()
-        self.encoder = Encoder(cfg)
         emb = llm.get_input_embeddings()
-        d_llm = emb.weight.shape[1]
-        self.projector = Projector(cfg.enc_dim, d_llm, cfg.stack, cfg.proj_hidden)
+        n_vocab, d_llm = emb.weight.shape
+        # the CTC blank must not be a real token: the pad token when there is one, else one extra code
+        # (row n_vocab) appended to the VQ codebook; the LLM never reads it (the CTC collapse drops it)
+        self.extra_blank = tokenizer.pad_token_id is None or tokenizer.pad_token_id == self.eos_id
+        self.blank_id = n_vocab if self.extra_blank else tokenizer.pad_token_id
+        self.prefix_ids, self.prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.chat_template)
+        if cfg.encoder:
+            from asr_reference.encoders import HFSpeechEncoder
+
+            self.features = None
+            self.specaug = None
+            self.encoder = HFSpeechEncoder(cfg.encoder, finetune=cfg.finetune_encoder)
+            enc_dim, frame_seconds = self.encoder.dim, self.encoder.frame_seconds
+            self.sample_rate, self.max_seconds = self.encoder.sample_rate, self.encoder.max_seconds
+        else:
+            self.features = LogMel(cfg.n_mels)
+            self.specaug = SpecAugment()
+            self.encoder = Encoder(cfg)
+            enc_dim, frame_seconds = cfg.enc_dim, 0.04
+            self.sample_rate, self.max_seconds = 16000, None
+        stack = cfg.stack or max(1, round(0.08 / frame_seconds))
+        self.enc_dim, self.frame_seconds = enc_dim, frame_seconds * stack
+        self.projector = Projector(enc_dim, d_llm, stack, cfg.proj_hidden)
         # projector outputs are scaled to the typical norm of the embedding rows (in every VQ mode), so
         # the LLM gets inputs of the scale it knows and hard-VQ commitment stays bounded
         self.register_buffer("target_norm", emb.weight.detach().float().norm(dim=1).mean().reshape(()))
-        n_units = len(CTC_CHARS) + 1 if cfg.ctc_units == "chars" else emb.weight.shape[0]
-        self.ctc_head = nn.Linear(cfg.enc_dim, n_units) if cfg.ctc_weight > 0 else None
+        n_units = len(CTC_CHARS) + 1 if cfg.ctc_units == "chars" else n_vocab + self.extra_blank
+        self.ctc_head = nn.Linear(enc_dim, n_units) if cfg.ctc_weight > 0 else None
         self.vq = None
         if cfg.compress and cfg.token_ctc_weight <= 0:
             raise ValueError("compress needs token_ctc_weight > 0 (the blank is learned by the token CTC)")
@@ -208,10 +277,15 @@ class LLMASR(nn.Module):
             tau = cfg.temperature * (float(table.pow(2).sum(1).mean()) if cfg.distance == "l2" else 1.0)
             # tau is learned where something depends on it: soft VQ, or the token-CTC scores
             learn_tau = cfg.learnable_temperature and (cfg.vq == "soft" or self.token_scores)
-            self.vq = SoftVQ.from_embedding(emb, temperature=tau, mode=cfg.vq, distance=cfg.distance,
-                                            learnable_codebook=cfg.learnable_codebook,
-                                            learnable_temperature=learn_tau,
-                                            commitment_weight=cfg.commitment_weight, backend=cfg.vq_backend)
+            # an fp32 copy of the table (the LLM may be bf16), plus the blank row when it needs its own
+            codebook = table.clone()
+            if self.extra_blank:
+                # a row of typical norm pointing nowhere in particular (seeded by the model's RNG stream)
+                blank = torch.randn(1, d_llm) * table.norm(dim=1).mean() / d_llm ** 0.5
+                codebook = torch.cat([codebook, blank.to(codebook.device)])
+            self.vq = SoftVQ(codebook, temperature=tau, mode=cfg.vq, distance=cfg.distance,
+                             learnable_codebook=cfg.learnable_codebook, learnable_temperature=learn_tau,
+                             commitment_weight=cfg.commitment_weight, backend=cfg.vq_backend)
         for p in llm.parameters():
             p.requires_grad_(False)
         if cfg.lora_rank > 0 and add_lora(llm, cfg.lora_rank, cfg.lora_alpha) == 0:
@@ -227,10 +301,7 @@ class LLMASR(nn.Module):
     # ------------------------------------------------------------------------------------------
     def embed_audio(self, wav: torch.Tensor, wav_lens: torch.Tensor):
         """Audio -> (LLM-width embeddings (b, n, d), lengths (b,), aux dict)."""
-        feats, flen = self.features(wav, wav_lens)
-        if self.cfg.specaug:
-            feats = self.specaug(feats)
-        enc, elen = self.encoder(feats, flen)
+        enc, elen = self.encode(wav, wav_lens)
         proj, plen = self.projector(enc, elen)
         proj = proj * (self.target_norm / proj.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(proj.dtype)
         aux = {"enc": enc, "enc_lens": elen}
@@ -251,6 +322,15 @@ class LLMASR(nn.Module):
             proj, plen = ctc_compress(proj, plen, aux["token_logits"].argmax(-1), self.blank_id)
         return proj, plen, aux
 
+    def encode(self, wav: torch.Tensor, wav_lens: torch.Tensor):
+        """(b, samples) waveforms at ``self.sample_rate`` -> encoder frames (b, t, enc_dim), lengths (b,)."""
+        if self.features is None:
+            return self.encoder(wav, wav_lens)
+        feats, flen = self.features(wav, wav_lens)
+        if self.cfg.specaug:
+            feats = self.specaug(feats)
+        return self.encoder(feats, flen)
+
     def vq_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(b, n, V) fp32 scores s(x, codebook) / tau of the VQ (the logits of its distribution over codes)."""
         from softvq_kernels.reference import scores
@@ -267,7 +347,7 @@ class LLMASR(nn.Module):
         generation when ``texts`` is None."""
         device = audio.device
         dtype = self.llm.get_input_embeddings().weight.dtype
-        prefix = self._token_embeds(([self.bos_id] if self.bos_id is not None else []), device)
+        prefix = self._token_embeds(self.prefix_ids, device)
         prompt = self._token_embeds(self.prompt_ids, device)
         seqs, labs = [], []
         for i in range(audio.shape[0]):
@@ -328,18 +408,33 @@ class LLMASR(nn.Module):
         out["loss"] = loss
         return out
 
+    def token_budget(self, wav_lens: torch.Tensor) -> int:
+        """Tokens to allow a batch: ``TOKENS_PER_SECOND`` of its longest audio, at least ``MIN_NEW_TOKENS``
+        (speech is about 3 words/s; a stuck model stops at the budget instead of running on)."""
+        seconds = float(wav_lens.max()) / self.sample_rate
+        return max(MIN_NEW_TOKENS, int(seconds * TOKENS_PER_SECOND) + 8)
+
     @torch.no_grad()
-    def transcribe(self, wav, wav_lens, num_beams: int = 1, max_new_tokens: int = 48) -> list[str]:
+    def transcribe(self, wav, wav_lens, num_beams: int = 1, max_new_tokens: int | None = None) -> list[str]:
+        """(b, samples) waveforms -> b strings; ``max_new_tokens`` None = :meth:`token_budget`."""
         audio, alens, _ = self.embed_audio(wav, wav_lens)
         embeds, attn, _ = self.build_inputs(audio, alens, None)
-        gen = self.llm.generate(inputs_embeds=embeds, attention_mask=attn, max_new_tokens=max_new_tokens,
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        gen = self.llm.generate(inputs_embeds=embeds, attention_mask=attn,
+                                max_new_tokens=max_new_tokens or self.token_budget(wav_lens),
                                 num_beams=num_beams, do_sample=False, eos_token_id=self.eos_id,
-                                pad_token_id=self.tokenizer.pad_token_id or self.eos_id)
+                                pad_token_id=pad)
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
 
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the pretrained parts that are reloaded from their folders, not saved."""
+        frozen_encoder = bool(self.cfg.encoder) and not self.cfg.finetune_encoder
+        return ("llm.", "encoder.model.") if frozen_encoder else ("llm.",)
+
     def trainable_state(self) -> dict:
-        """Everything but the frozen LLM (which is reloaded from cfg.llm)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.") or ".lora_" in k}
+        """Everything but the frozen LLM (reloaded from cfg.llm) and a frozen pretrained encoder."""
+        frozen = self.frozen_prefixes()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen) or ".lora_" in k}
 
 
 def build_model(cfg: ASRConfig, device: str = "cpu") -> LLMASR:

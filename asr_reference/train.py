@@ -9,6 +9,7 @@ time and resumed gives the same result as one that never stopped (up to the last
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,51 +22,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from asr_reference.data import read_manifest, read_wav
+from asr_reference.dataset import (AudioDataset, AudioSet, epoch_batches, make_loader,  # noqa: F401 (AudioSet:
+                                   seconds_batches, sorted_batches)  # the names earlier code imported from here)
+from asr_reference.errors import ASRError, CheckpointError
+
+
+class RunExistsError(ASRError, FileExistsError):
+    """A new run was asked for in a folder that already has a checkpoint."""
 from asr_reference.model import ASRConfig, LLMASR, build_model, count_params
-
-
-# -------------------------------------------------------------------------------------------- data
-class AudioSet:
-    """Manifest rows with their waveforms loaded once into memory."""
-
-    def __init__(self, manifest: str | Path):
-        self.rows = read_manifest(manifest)
-        self.audio = []
-        for row in self.rows:
-            wav, _ = read_wav(row["audio_filepath"])
-            self.audio.append(wav)
-        self.lens = [a.numel() for a in self.audio]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def batch(self, idx: list[int], device="cpu"):
-        n = max(self.lens[i] for i in idx)
-        wav = torch.zeros(len(idx), n)
-        for j, i in enumerate(idx):
-            wav[j, : self.lens[i]] = self.audio[i]
-        lens = torch.tensor([self.lens[i] for i in idx])
-        return wav.to(device), lens.to(device), [self.rows[i]["text"] for i in idx]
-
-
-def epoch_batches(lens: list[int], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Length-bucketed batches in a deterministic order for (seed, epoch)."""
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(lens)))
-    rng.shuffle(order)
-    chunk = batch_size * 32
-    batches = []
-    for s in range(0, len(order), chunk):
-        part = sorted(order[s: s + chunk], key=lambda i: lens[i])
-        batches += [part[k: k + batch_size] for k in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def sorted_batches(lens: list[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lens)), key=lambda i: lens[i])
-    return [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -78,21 +42,52 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_run(run: str | Path, device: str = "cpu") -> LLMASR:
-    """The model of a run folder, ready for decoding."""
+def read_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`save_checkpoint`; a damaged or foreign file is a one-line error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (train first)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # EOFError, UnpicklingError ("invalid load key"), RuntimeError (zip) ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "file ends early"
+        raise CheckpointError(f"{path}: cannot read checkpoint, damaged or not a checkpoint "
+                              f"({type(exc).__name__}: {msg})") from None
+    missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this program (no {', '.join(map(repr, missing))})")
+    return state
+
+
+def config_diff(saved: dict, wanted: dict) -> list[str]:
+    """``key: saved -> wanted`` for every config entry that differs."""
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)]
+
+
+def load_run(run: str | Path, device: str = "cpu", checkpoint: str = "last",
+             overrides: dict | None = None) -> LLMASR:
+    """The model of a run folder, ready for decoding.
+
+    ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, the lowest dev WER). ``overrides`` replace
+    config entries, e.g. ``{"llm": new_path}`` for an LLM folder that moved.
+    """
     run = Path(run)
-    ckpt = run / "checkpoint.pt"
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: run folder not found")
+    ckpt = run / ("best.pt" if checkpoint == "best" else "checkpoint.pt")
     if not ckpt.is_file():
-        raise FileNotFoundError(f"{run}: no checkpoint.pt (train first)")
-    raw = json.loads((run / "config.json").read_text())
+        hint = "train with --dev to keep one" if checkpoint == "best" else "train first"
+        raise CheckpointError(f"{ckpt}: no checkpoint ({hint})")
+    state = read_checkpoint(ckpt, map_location=device)
+    raw = dict(state["config"])
     raw.setdefault("ctc_units", "tokens")  # runs made before character CTC became the default
-    cfg = ASRConfig(**raw)
+    raw.update(overrides or {})
+    cfg = ASRConfig.from_dict(raw, str(ckpt))
     model = build_model(cfg, device)
-    state = torch.load(ckpt, map_location=device, weights_only=False)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    bad = [k for k in missing if not k.startswith("llm.")] + list(unexpected)
+    bad = [k for k in missing if not k.startswith(model.frozen_prefixes())] + list(unexpected)
     if bad:
-        raise RuntimeError(f"{ckpt}: checkpoint does not match the model: {bad[:5]}")
+        raise CheckpointError(f"{ckpt}: checkpoint does not match the model: {bad[:5]}")
     return model.eval()
 
 
@@ -100,20 +95,35 @@ def load_run(run: str | Path, device: str = "cpu") -> LLMASR:
 class TrainArgs:
     train: str
     run: str
-    dev: str | None = None
-    steps: int = 1000
-    batch_size: int = 16
+    dev: str | None = None  # dev manifest: WER every eval_every steps, best.pt keeps the best
+    steps: int | None = 1000  # None on resume: the steps the run was asked for
+    batch_size: int = 16  # utterances per process and micro-batch (when batch_seconds is None)
+    batch_seconds: float | None = None  # else: padded seconds of audio per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 60
     clip: float = 1.0
     seed: int = 0
     save_every: int = 100
+    eval_every: int = 500
+    dev_limit: int | None = None  # decode only the first N dev utterances
     resume: bool = False
     time_budget: float | None = None  # seconds: shrink `steps` after calibrating the speed
     stop_after: int | None = None  # stop (with a checkpoint) after this step: simulates a kill
     device: str = "auto"
     quiet: bool = False
+
+    def __post_init__(self):
+        # the CLI checks these at parse time; this catches the same mistakes from Python
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "eval_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_seconds is not None and self.batch_seconds <= 0:
+            raise ValueError(f"batch_seconds must be > 0, got {self.batch_seconds}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 def _dist_info():
@@ -145,8 +155,24 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def _resume_state(ckpt_path: Path, cfg: ASRConfig) -> dict:
+    """The checkpoint to resume, refusing a model config that differs from the one it was trained with."""
+    state = read_checkpoint(ckpt_path)
+    saved = ASRConfig.from_dict(state["config"], str(ckpt_path)).to_dict()
+    diff = config_diff(saved, cfg.to_dict())
+    if diff:
+        raise CheckpointError(f"{ckpt_path}: --resume with a different model config ({'; '.join(diff)}); "
+                              f"drop those options or start a new --run")
+    return state
+
+
 def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
-    """Train (or resume) a run; returns a summary dict. Works alone or under torchrun."""
+    """Train (or resume) a run; returns a summary dict. Works alone or under torchrun.
+
+    On ``resume`` ``cfg`` must equal the run's config. ``args.steps`` different from the steps the run
+    was asked for last time re-targets the schedule (a finished 6-step run resumed with steps=10 trains
+    4 more steps); the same value continues exactly where the run stopped.
+    """
     rank, world = _dist_info()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:
@@ -158,29 +184,48 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
         run.mkdir(parents=True, exist_ok=True)
     state = None
     if args.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = ASRConfig(**state["config"])
+        state = _resume_state(ckpt_path, cfg)
     elif rank == 0:
         if ckpt_path.is_file():
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or use a new --run")
+            raise RunExistsError(f"{ckpt_path} exists: pass --resume to continue it, or use a new --run")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
-    data = AudioSet(args.train)
     model = build_model(cfg, device)
+    data = AudioDataset(args.train, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    dev = None
+    if args.dev and rank == 0:
+        dev = AudioDataset(args.dev, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
     total_p, train_p = count_params(model)
     if rank == 0 and not args.quiet:
-        log(f"train: {len(data)} utterances, vq={cfg.vq}, {train_p / 1e6:.2f} M trainable of "
+        log(f"train: {len(data)} utterances ({sum(data.seconds) / 3600:.2f} h), vq={cfg.vq}, "
+            f"encoder {cfg.encoder or 'built-in'}, {train_p / 1e6:.2f} M trainable of "
             f"{total_p / 1e6:.2f} M params, device {device}, world {world}")
+        if data.skipped:
+            log(f"train: skipped {data.skipped} utterances longer than the encoder's {model.max_seconds:.0f} s window")
+    if not len(data):
+        raise ValueError(f"{args.train}: no utterance fits the encoder's {model.max_seconds} s window")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     total_steps = args.steps
-    step, epoch, pos = 0, 0, 0
+    if state is None and args.steps is None:
+        raise ValueError("steps is needed for a new run")
+    step, epoch, pos, best_wer = 0, 0, 0, None
     if state is not None:
         step, epoch, pos, total_steps = state["step"], state["epoch"], state["pos"], state["total_steps"]
+        best_wer = state.get("best_dev_wer")
+        requested = state.get("requested_steps", state.get("args", {}).get("steps", total_steps))
+        if args.steps is None:
+            args.steps = requested
+        if args.steps != requested:
+            total_steps = args.steps
+            if rank == 0 and not args.quiet:
+                log(f"train: resuming at step {step} with --steps {args.steps} (was {requested}): "
+                    + ("nothing to do" if step >= total_steps else f"{total_steps - step} more steps, "
+                       f"learning-rate schedule re-targeted"))
     # the scheduler first: creating it rewrites the optimiser's lr, which the loaded state then restores
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, total_steps))
     if state is not None:
@@ -202,64 +247,106 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.trainable_state(), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
-                                        "pos": pos, "total_steps": total_steps, "rng": rngs,
+                                        "pos": pos, "total_steps": total_steps, "requested_steps": args.steps,
+                                        "best_dev_wer": best_wer, "rng": rngs,
                                         "config": cfg.to_dict(), "args": args.__dict__})
+
+    def dev_eval():
+        """Dev WER on rank 0 (others wait); best.pt keeps the weights of the best one so far."""
+        nonlocal best_wer
+        if rank == 0:
+            from asr_reference.evaluate import evaluate
+
+            rngs = _rng_state()  # decoding must not move the training's random stream
+            res = evaluate(model, dev, batch_size=max(1, args.batch_size), limit=args.dev_limit, workers=args.workers,
+                           out_file=run / "hyp_dev_last.jsonl")
+            _set_rng_state(rngs)
+            model.train()
+            better = best_wer is None or res["wer"] < best_wer
+            if better:
+                best_wer = res["wer"]
+                save_checkpoint(run / "best.pt", {"model": model.trainable_state(), "config": cfg.to_dict(),
+                                                  "step": step, "dev_wer": res["wer"], "dev_cer": res["cer"]})
+            if logf:
+                logf.write(json.dumps({"step": step, "dev_wer": res["wer"], "dev_cer": res["cer"]}) + "\n")
+                logf.flush()
+            if not args.quiet:
+                tqdm.write(f"train: step {step} dev WER {100 * res['wer']:.1f}% CER {100 * res['cer']:.1f}%"
+                           + (" (best)" if better else f" (best {100 * best_wer:.1f}%)"))
+        if world > 1:
+            dist.barrier()
+
+    def plan(ep: int) -> list[list[int]]:
+        if args.batch_seconds is not None:
+            return seconds_batches(data.seconds, args.batch_seconds * world, ep, args.seed)
+        return epoch_batches(data.lens, args.batch_size * world, ep, args.seed)
+
+    n_batches = len(plan(epoch))
+
+    def micro_batches():
+        """(wav, lengths, texts) of this rank, endlessly over epochs; (epoch, pos) name the next one."""
+        nonlocal epoch, pos, n_batches
+        while True:
+            batches = plan(epoch)
+            n_batches = len(batches)
+            for wav, lens, texts in make_loader(data, [b[rank::world] for b in batches[pos:]], args.workers):
+                pos += 1
+                if texts:  # a rank's share of a tiny last batch may be empty
+                    yield wav.to(device), lens.to(device), texts
+            epoch, pos = epoch + 1, 0
 
     logf = open(run / "train_log.jsonl", "a") if rank == 0 else None
     model.train()
     t0 = time.time()
     calibrated = state is not None or args.time_budget is None
-    bar = tqdm(total=total_steps, initial=step, desc=f"train[{cfg.vq}]", mininterval=5,
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{cfg.vq}]", mininterval=5,
                disable=(rank != 0 or args.quiet) or None)
     last = {}
-    batches = epoch_batches(data.lens, args.batch_size * world, epoch, args.seed)
-    while step < total_steps:
-        batches = epoch_batches(data.lens, args.batch_size * world, epoch, args.seed)
-        while pos < len(batches) and step < total_steps:
-            idx = batches[pos][rank::world]
-            pos += 1
-            if not idx:
-                continue
-            wav, lens, texts = data.batch(idx, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(wav, lens, texts)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-            opt.step()
-            sched.step()
-            step += 1
-            last = {k: round(float(v.detach()), 4) for k, v in out.items()}
-            last.update(step=step, lr=round(sched.get_last_lr()[0], 6), gnorm=round(float(gnorm), 3),
-                        t=round(time.time() - t0, 1))
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=last["loss"], ce=last["ce"])
-                if logf:
-                    logf.write(json.dumps(last) + "\n")
-                    logf.flush()
-            if not calibrated and step == 8:
-                per_step = (time.time() - t0) / step
-                budget_steps = int(args.time_budget / per_step)
-                total_steps = max(step + 1, min(total_steps, budget_steps))
-                sched.lr_lambdas[0] = lr_lambda(args.warmup, total_steps)
-                bar.total = total_steps
-                calibrated = True
-                if rank == 0 and not args.quiet:
-                    log(f"train: {per_step:.2f} s/step -> {total_steps} steps fit the {args.time_budget:.0f} s budget")
-            if step % args.save_every == 0 or step == total_steps or step == args.stop_after:
-                checkpoint()
-            if args.stop_after is not None and step >= args.stop_after:
-                break
-        if args.stop_after is not None and step >= args.stop_after:
-            break
-        if pos >= len(batches):
-            epoch, pos = epoch + 1, 0
+    stream = micro_batches()
+    while step < total_steps and (args.stop_after is None or step < args.stop_after):
+        opt.zero_grad(set_to_none=True)
+        for micro in range(args.grad_accum):
+            wav, lens, texts = next(stream)
+            # DDP: all-reduce the gradients once, on the last micro-batch
+            sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else net.no_sync()
+            with sync:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    out = net(wav, lens, texts)
+                (out["loss"] / args.grad_accum if args.grad_accum > 1 else out["loss"]).backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        sched.step()
+        step += 1
+        last = {k: round(float(v.detach()), 4) for k, v in out.items()}
+        last.update(step=step, lr=round(sched.get_last_lr()[0], 6), gnorm=round(float(gnorm), 3),
+                    t=round(time.time() - t0, 1))
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=last["loss"], ce=last["ce"])
+            if logf:
+                logf.write(json.dumps(last) + "\n")
+                logf.flush()
+        if not calibrated and step == 8:
+            per_step = (time.time() - t0) / step
+            budget_steps = int(args.time_budget / per_step)
+            total_steps = max(step + 1, min(total_steps, budget_steps))
+            sched.lr_lambdas[0] = lr_lambda(args.warmup, total_steps)
+            bar.total = total_steps
+            calibrated = True
+            if rank == 0 and not args.quiet:
+                log(f"train: {per_step:.2f} s/step -> {total_steps} steps fit the {args.time_budget:.0f} s budget")
+        if args.dev and (step % args.eval_every == 0 or step == total_steps):
+            dev_eval()
+        if step % args.save_every == 0 or step == total_steps or step == args.stop_after:
+            checkpoint()
     bar.close()
     if logf:
         logf.close()
-    summary = {"run": str(run), "vq": cfg.vq, "steps": step, "epochs": round(epoch + pos / max(1, len(batches)), 2),
-               "seconds": round(time.time() - t0, 1), **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "tctc", "vq", "ppl")}}
+    summary = {"run": str(run), "vq": cfg.vq, "steps": step, "epochs": round(epoch + pos / max(1, n_batches), 2),
+               "seconds": round(time.time() - t0, 1),
+               **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "tctc", "vq", "ppl")}}
+    if best_wer is not None:
+        summary["best_dev_wer"] = best_wer
     if rank == 0 and not args.quiet:
         log(f"train: done {json.dumps(summary)}")
     return summary
