@@ -421,6 +421,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = ap.parse_args(argv)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars per model would bury the log
+    except ImportError:
+        pass
+    try:
         args.fn(args)
     except ASRError as exc:
         if args.debug:

@@ -23,8 +23,9 @@ class AudioDataset(Dataset):
     take them); ``skipped`` says how many.
     """
 
-    def __init__(self, manifest: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None):
-        rows = read_manifest(manifest)
+    def __init__(self, manifest: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+                 rows: list[dict] | None = None):
+        rows = read_manifest(manifest) if rows is None else rows  # rows: already read (and checked) by the caller
         self.manifest = Path(manifest)
         self.sample_rate = sample_rate
         self.rows = [r for r in rows if max_seconds is None or r["duration"] <= max_seconds]

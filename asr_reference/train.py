@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from asr_reference.data import read_manifest
 from asr_reference.dataset import (AudioDataset, AudioSet, epoch_batches, make_loader,  # noqa: F401 (AudioSet:
                                    seconds_batches, sorted_batches)  # the names earlier code imported from here)
 from asr_reference.errors import ASRError, CheckpointError
@@ -189,13 +190,16 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
         if ckpt_path.is_file():
             raise RunExistsError(f"{ckpt_path} exists: pass --resume to continue it, or use a new --run")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    # the manifests first: a bad line fails in seconds, not after loading an LLM
+    train_rows = read_manifest(args.train)
+    dev_rows = read_manifest(args.dev) if args.dev and rank == 0 else None
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     model = build_model(cfg, device)
-    data = AudioDataset(args.train, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    data = AudioDataset(args.train, sample_rate=model.sample_rate, max_seconds=model.max_seconds, rows=train_rows)
     dev = None
-    if args.dev and rank == 0:
-        dev = AudioDataset(args.dev, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    if dev_rows is not None:
+        dev = AudioDataset(args.dev, sample_rate=model.sample_rate, max_seconds=model.max_seconds, rows=dev_rows)
     total_p, train_p = count_params(model)
     if rank == 0 and not args.quiet:
         log(f"train: {len(data)} utterances ({sum(data.seconds) / 3600:.2f} h), vq={cfg.vq}, "
