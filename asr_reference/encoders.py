@@ -29,7 +29,7 @@ def _load_pretrained(path: str | Path, what: str, loader):
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: cannot load the {what} ({first})") from None
 
 
@@ -54,7 +54,10 @@ class HFSpeechEncoder(nn.Module):
         config = _load_pretrained(path, "encoder config", lambda: AutoConfig.from_pretrained(path, local_files_only=True))
         self.finetune = finetune
         self.kind = "whisper" if config.model_type == "whisper" else "waveform"
-        fe = _load_pretrained(path, "feature extractor (preprocessor_config.json)",
+        if not (path / "preprocessor_config.json").is_file():
+            raise ModelLoadError(f"{path}: no preprocessor_config.json: an encoder folder needs its feature "
+                                 f"extractor (save it with feature_extractor.save_pretrained)")
+        fe = _load_pretrained(path, "feature extractor",
                               lambda: AutoFeatureExtractor.from_pretrained(path, local_files_only=True))
         self.sample_rate = int(fe.sampling_rate)
         if self.kind == "whisper":

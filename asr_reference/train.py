@@ -50,7 +50,7 @@ def read_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # EOFError, UnpicklingError ("invalid load key"), RuntimeError (zip) ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "file ends early"
+        msg = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else "file ends early"
         raise CheckpointError(f"{path}: cannot read checkpoint, damaged or not a checkpoint "
                               f"({type(exc).__name__}: {msg})") from None
     missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]

@@ -144,7 +144,7 @@ def test_missing_folders_and_debug_traceback(setup, tmp_path, capsys):
     fails(["train", "--train", str(setup["manifest"]), "--llm", str(tmp_path / "nope"), "--run", str(tmp_path / "r"),
            *TINY], capsys, f"{tmp_path / 'nope'}: LLM folder not found")
     fails(["train", "--train", str(setup["manifest"]), "--llm", str(setup["lm"]), "--run", str(tmp_path / "r2"),
-           "--encoder", str(setup["lm"]), *TINY], capsys, f"{setup['lm']}: ")
+           "--encoder", str(setup["lm"]), *TINY], capsys, f"{setup['lm']}: no preprocessor_config.json")
     fails(["eval", "--run", str(tmp_path / "none"), "--manifest", str(setup["manifest"])], capsys,
           f"{tmp_path / 'none'}: run folder not found")
     fails(["train", "--train", str(tmp_path / "no.jsonl"), "--llm", str(setup["lm"]), "--run", str(tmp_path / "r3")],
