@@ -1,18 +1,14 @@
 // Soft VQ backward, one vocabulary chunk at a time (see softvq_fwd.cu for the schedule and why it fits
 // on chip for any d). Per chunk [c0, c0 + C):
 //  1. dscores_kernel: one pass over d with two tensor-core products per 64 x 64 tile, S = X K^T and
-//     DP = G V^T (a single codebook tile when keys is values), then p = exp(s - lse) and
-//     dS = p (dp - delta); writes P and dS to T x C workspaces, adds the column sums of dS (the l2
-//     key term), its row sums, the row sums of p * u and sum dS * u (the temperature gradient, fp64
-//     accumulator), u = log p + log V the centred score (see bindings.cpp's backward).
+//     DP = G K^T (one codebook tile serves both), then p = exp(s - lse) and
+//     ds = p (dp + gn_v - delta'_t) (gamma_t where p == 1: one-hot rows stay exact); writes P and
+//     dS = ds * kappa_v to T x C workspaces and adds the row sums of ds, ds * u and p * u and the column
+//     sums of ds (l2) or ds * s (cosine) with atomics (u = log p + log V, the centred score).
 //  2. Three tiled GEMMs (softvq_gemm.cu) with 64 x 64 fp32 output tiles:
-//     dx += (k/tau) dS K_chunk, dV_chunk = P^T G, dK_chunk (+)= (k/tau) dS^T X   (k = 2 for l2, 1 for dot),
-//     the K operands read transposed through strides. The -(2/tau) c_v sum_t dS term is a row scale
-//     applied by bindings.cpp.
-// One-hot rows (huge inputs; dS is then rounding noise) stay exact by three rewrites that use
-// sum_v dS_tv = 0, as the chunked backend does: p = exp(s - lse) is bitwise 1 at the argmax (scores
-// formed exactly as in the forward), dtau uses dS * u instead of dS * s, and bindings.cpp takes
-// y_t sum_v dS_tv off dx_t.
+//     dx_raw += dS K_chunk, dC_chunk = P^T G, dC_chunk += dS^T X_rows (X_rows = X, or X r for cosine).
+// bindings.cpp returns these sums; softvq_kernels/epilogue.py turns them into dx, dc and dtau (the
+// same epilogue for every backend; docs/math.md derives each term).
 // Cost: about 10 T V d flops, all of it on tensor cores, plus 2 T x C workspace round trips per chunk.
 #include "softvq_common.cuh"
 
@@ -21,93 +17,94 @@ namespace dev {
 
 template <typename T>
 __global__ void __launch_bounds__(NTHREADS)
-    dscores_kernel(const T* __restrict__ x, const T* __restrict__ g, const T* keys, const T* values,
-                   const float* __restrict__ key_sq, const float* __restrict__ frame_sq, const float* __restrict__ tau,
-                   const float* __restrict__ lse, const float* __restrict__ delta, int64_t T_, int64_t d, int64_t c0,
-                   int64_t end, T* __restrict__ P, T* __restrict__ dS, int64_t ldw, float* __restrict__ colsum,
-                   float* __restrict__ rowsum, float* __restrict__ p_u, double* __restrict__ dtau_acc, float log_v,
-                   bool l2) {
+    dscores_kernel(const T* __restrict__ x, const T* __restrict__ g, const T* keys, const float* __restrict__ colv,
+                   const float* __restrict__ rowv, const float* __restrict__ frame_sq, const float* __restrict__ tau,
+                   const float* __restrict__ lse, const float* __restrict__ delta, const float* __restrict__ gamma,
+                   const float* __restrict__ grad_counts, int64_t T_, int64_t d, int64_t c0, int64_t end,
+                   T* __restrict__ P, T* __restrict__ dS, int64_t ldw, float* __restrict__ colsum,
+                   float* __restrict__ ds_s, float* __restrict__ rowsum, float* __restrict__ ds_u,
+                   float* __restrict__ p_u, float log_v, int dist) {
   __shared__ __align__(128) unsigned char smem[smem_bytes<T>(2)];
-  __shared__ float warp_sums[NTHREADS / 32];
-  const ScoreScale sc(tau, l2);
+  const ScoreScale sc(tau, dist);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t n0 = c0 + static_cast<int64_t>(blockIdx.y) * BN;
-  const bool share = keys == values;
   const Op<T> A[2] = {{x, d, 1}, {g, d, 1}};
-  const Op<T> B[2] = {{keys, d, 1}, {values, d, 1}};
-  tile_products<T, 2>(smem, A, B, share, m0, T_, n0, end, d);
+  const Op<T> B[2] = {{keys, d, 1}, {keys, d, 1}};
+  tile_products<T, 2>(smem, A, B, true, m0, T_, n0, end, d);
   float* S = reinterpret_cast<float*>(smem);
   float* DP = S + BM * LDC;
-  float ds_u = 0.f;
+  // After this loop DP holds ds and S holds u (-inf outside the tile's valid part): each element is read
+  // and rewritten by the same thread.
   for (int e = threadIdx.x; e < BM * BN; e += NTHREADS) {
     const int r = e / BN, c = e % BN;
     const int64_t t = m0 + r, v = n0 + c;
-    float ds = 0.f, pu = 0.f;
+    float ds = 0.f, u = -INFINITY;
     if (t < T_ && v < end) {
-      const float score = sc.true_score(sc.shifted(S[r * LDC + c], key_sq, v), sc.frame_offset(frame_sq, t));
+      const float score =
+          sc.true_score(sc.shifted(S[r * LDC + c], colv, rowv, t, v), sc.frame_offset(frame_sq, t));
       const float log_p = __fsub_rn(score, __ldg(lse + t));
       const float p = expf(log_p);
-      ds = p * (DP[r * LDC + c] - __ldg(delta + t));
+      float dp = DP[r * LDC + c];
+      if (grad_counts != nullptr) dp += __ldg(grad_counts + v);
+      ds = (p == 1.f) ? __ldg(gamma + t) : p * (dp - __ldg(delta + t));
       P[t * ldw + (v - c0)] = Cfg<T>::from_float(p);
-      dS[t * ldw + (v - c0)] = Cfg<T>::from_float(ds);
-      const float u = log_p + log_v;
-      if (ds != 0.f) ds_u += ds * u;
-      if (p != 0.f) pu = p * u;
+      dS[t * ldw + (v - c0)] = Cfg<T>::from_float(ds * sc.key_factor(colv, v));
+      u = log_p + log_v;
     }
     DP[r * LDC + c] = ds;
-    S[r * LDC + c] = pu;  // each element is read and rewritten by the same thread
+    S[r * LDC + c] = u;
   }
   __syncthreads();
-  if (colsum != nullptr) {
+  if (dist == kL2 || dist == kCosine) {  // column sums: ds (l2) or ds * s (cosine), two threads per column
     const int c = threadIdx.x % BN, r0 = (threadIdx.x / BN) * (BM / 2);
     float sum = 0.f;
 #pragma unroll 8
-    for (int r = 0; r < BM / 2; ++r) sum += DP[(r0 + r) * LDC + c];
-    if (n0 + c < end) atomicAdd(colsum + n0 + c, sum);
+    for (int r = 0; r < BM / 2; ++r) {
+      const float ds = DP[(r0 + r) * LDC + c];
+      if (ds == 0.f) continue;
+      sum += dist == kL2 ? ds : ds * (S[(r0 + r) * LDC + c] - log_v + __ldg(lse + m0 + r0 + r));
+    }
+    if (n0 + c < end) atomicAdd((dist == kL2 ? colsum : ds_s) + n0 + c, sum);
   }
-  {  // row sums of dS and p * u: two adjacent lanes per row, 32 columns each
+  {  // row sums of ds, ds * u and p * u: two adjacent lanes per row, 32 columns each
     const int r = threadIdx.x >> 1, c0_ = (threadIdx.x & 1) * (BN / 2);
-    float sum = 0.f, sum_pu = 0.f;
+    float sum = 0.f, sum_du = 0.f, sum_pu = 0.f;
 #pragma unroll 8
     for (int c = 0; c < BN / 2; ++c) {
-      sum += DP[r * LDC + c0_ + c];
-      sum_pu += S[r * LDC + c0_ + c];
+      const float ds = DP[r * LDC + c0_ + c], u = S[r * LDC + c0_ + c];
+      if (u == -INFINITY) continue;
+      sum += ds;
+      if (ds != 0.f) sum_du += ds * u;
+      const float p = expf(u - log_v);
+      if (p != 0.f) sum_pu += p * u;
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum_du += __shfl_xor_sync(0xffffffffu, sum_du, 1);
     sum_pu += __shfl_xor_sync(0xffffffffu, sum_pu, 1);
     if ((threadIdx.x & 1) == 0 && m0 + r < T_) {
       atomicAdd(rowsum + m0 + r, sum);
+      atomicAdd(ds_u + m0 + r, sum_du);
       atomicAdd(p_u + m0 + r, sum_pu);
     }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ds_u += __shfl_down_sync(0xffffffffu, ds_u, off);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ds_u;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < NTHREADS / 32; ++w) total += warp_sums[w];
-    atomicAdd(dtau_acc, static_cast<double>(total));
   }
 }
 
 }  // namespace dev
 
-void dscores_chunk(DType dt, const void* x, const void* grad_y, const void* keys, const void* values,
-                   const float* key_sq_norms, const float* frame_sq_norms, const float* tau, const float* lse,
-                   const float* delta, int64_t T, int64_t V, int64_t d, int64_t c0, int64_t width, void* P, void* dS,
-                   int64_t ldw, float* colsum_ds, float* rowsum_ds, float* row_p_u, double* dtau_acc, float log_v,
-                   bool l2, cudaStream_t stream) {
+void dscores_chunk(DType dt, const void* x, const void* grad_y, const void* keys, const float* col_values,
+                   const float* row_scale, const float* frame_sq_norms, const float* tau, const float* lse,
+                   const float* delta, const float* gamma, const float* grad_counts, int64_t T, int64_t V, int64_t d,
+                   int64_t c0, int64_t width, void* P, void* dS, int64_t ldw, float* colsum, float* ds_s,
+                   float* rowsum, float* ds_u, float* p_u, float log_v, int dist, cudaStream_t stream) {
   if (T == 0 || width <= 0) return;
   const int64_t end = c0 + width < V ? c0 + width : V;
   const dim3 grid(static_cast<unsigned>(dev::ceil_div(T, dev::BM)),
                   static_cast<unsigned>(dev::ceil_div(end - c0, dev::BN)));
   SOFTVQ_DISPATCH(dt, (dev::dscores_kernel<scalar_t><<<grid, dev::NTHREADS, 0, stream>>>(
                           static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(grad_y),
-                          static_cast<const scalar_t*>(keys), static_cast<const scalar_t*>(values), key_sq_norms,
-                          frame_sq_norms, tau, lse, delta, T, d, c0, end, static_cast<scalar_t*>(P),
-                          static_cast<scalar_t*>(dS), ldw, colsum_ds, rowsum_ds, row_p_u, dtau_acc, log_v, l2)));
+                          static_cast<const scalar_t*>(keys), col_values, row_scale, frame_sq_norms, tau, lse, delta,
+                          gamma, grad_counts, T, d, c0, end, static_cast<scalar_t*>(P), static_cast<scalar_t*>(dS),
+                          ldw, colsum, ds_s, rowsum, ds_u, p_u, log_v, dist)));
 }
 
 }  // namespace softvq

@@ -239,25 +239,35 @@ __device__ __forceinline__ void tile_products(unsigned char* smem, const Op<T> (
 // Score arithmetic shared by every kernel, with explicit round-to-nearest intrinsics so that no kernel
 // contracts it differently: the same product gives bitwise the same score everywhere, which keeps
 // p = exp(s - lse) exactly 1 at the argmax of a one-hot row (huge inputs) in forward and backward.
-//   shifted a = <x, k> * (2 / tau) - ||k||^2 / tau (l2), <x, k> / tau (dot)
-//   true    s = a - ||x||^2 / tau (l2), a (dot)
+//   shifted a = <x, k> * (2 / tau) - ||k||^2 / tau (l2), <x, k> r_t q_v / tau (cosine), <x, k> / tau (dot)
+//   true    s = a - ||x||^2 / tau (l2), a (otherwise)
 struct ScoreScale {
   float tau, inv_tau, scale;
-  bool l2;
-  __device__ __forceinline__ ScoreScale(const float* tau_ptr, bool is_l2) {
+  int dist;
+  __device__ __forceinline__ ScoreScale(const float* tau_ptr, int distance) {
     tau = __ldg(tau_ptr);
     inv_tau = __fdiv_rn(1.f, tau);
-    scale = is_l2 ? 2.f * inv_tau : inv_tau;
-    l2 = is_l2;
+    scale = distance == kL2 ? 2.f * inv_tau : inv_tau;
+    dist = distance;
   }
-  __device__ __forceinline__ float shifted(float dot, const float* key_sq, int64_t v) const {
-    const float a = __fmul_rn(dot, scale);
-    return l2 ? __fsub_rn(a, __fmul_rn(__ldg(key_sq + v), inv_tau)) : a;
+  // col_values: ||k_v||^2 (l2) or q_v (cosine); row_scale: r_t (cosine).
+  __device__ __forceinline__ float shifted(float dot, const float* col_values, const float* row_scale, int64_t t,
+                                           int64_t v) const {
+    if (dist == kL2) return __fsub_rn(__fmul_rn(dot, scale), __fmul_rn(__ldg(col_values + v), inv_tau));
+    if (dist == kCosine)
+      return __fmul_rn(__fmul_rn(__fmul_rn(dot, __ldg(row_scale + t)), __ldg(col_values + v)), inv_tau);
+    return __fmul_rn(dot, scale);
+  }
+  // d a / d <x, k> for column v: what dS is scaled by before the products.
+  __device__ __forceinline__ float key_factor(const float* col_values, int64_t v) const {
+    return dist == kCosine ? __fmul_rn(__ldg(col_values + v), inv_tau) : scale;
   }
   __device__ __forceinline__ float frame_offset(const float* frame_sq, int64_t t) const {
-    return l2 ? __fdiv_rn(__ldg(frame_sq + t), tau) : 0.f;
+    return dist == kL2 ? __fdiv_rn(__ldg(frame_sq + t), tau) : 0.f;
   }
-  __device__ __forceinline__ float true_score(float a, float offset) const { return l2 ? __fsub_rn(a, offset) : a; }
+  __device__ __forceinline__ float true_score(float a, float offset) const {
+    return dist == kL2 ? __fsub_rn(a, offset) : a;
+  }
 };
 
 template <typename T>

@@ -39,12 +39,12 @@ __device__ __forceinline__ void merge_stats(float& m, float& s, int& i, float m2
 
 template <typename T>
 __global__ void __launch_bounds__(NTHREADS)
-    lse_partials_kernel(const T* __restrict__ x, const T* __restrict__ keys, const float* __restrict__ key_sq,
-                        const float* __restrict__ tau, int64_t T_, int64_t V, int64_t d, int64_t tiles_per_split,
-                        float* __restrict__ part_max, float* __restrict__ part_sum, int32_t* __restrict__ part_idx,
-                        bool l2) {
+    lse_partials_kernel(const T* __restrict__ x, const T* __restrict__ keys, const float* __restrict__ colv,
+                        const float* __restrict__ rowv, const float* __restrict__ tau, int64_t T_, int64_t V,
+                        int64_t d, int64_t tiles_per_split, float* __restrict__ part_max,
+                        float* __restrict__ part_sum, int32_t* __restrict__ part_idx, int dist) {
   __shared__ __align__(128) unsigned char smem[smem_bytes<T>(1)];
-  const ScoreScale sc(tau, l2);
+  const ScoreScale sc(tau, dist);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t num_tiles = ceil_div(V, BN);
   const int64_t vt0 = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
@@ -67,8 +67,10 @@ __global__ void __launch_bounds__(NTHREADS)
     for (int c = 0; c < 32; ++c) {
       const int64_t v = n0 + col0 + c;
       float a = -INFINITY;
-      if (v < V) {
-        a = sc.shifted(row_scores[c], key_sq, v);
+      if (v < V && m0 + row < T_) {
+        a = sc.shifted(row_scores[c], colv, rowv, m0 + row, v);
+      } else if (v < V) {
+        a = 0.f;  // a row past T: any finite value (never stored)
       }
       row_scores[c] = a;
       if (a > tmax) {
@@ -97,11 +99,11 @@ __global__ void __launch_bounds__(NTHREADS)
 
 __global__ void lse_merge_kernel(const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                  const int32_t* __restrict__ part_idx, int64_t splits, int64_t T_,
-                                 const float* __restrict__ frame_sq, const float* __restrict__ tau, bool l2,
+                                 const float* __restrict__ frame_sq, const float* __restrict__ tau, int dist,
                                  float* __restrict__ lse, int64_t* __restrict__ indices) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= T_) return;
-  const ScoreScale sc(tau, l2);
+  const ScoreScale sc(tau, dist);
   float m = -INFINITY, s = 0.f;
   int i = INT_MAX;
   for (int64_t j = 0; j < splits; ++j) merge_stats(m, s, i, part_max[j * T_ + t], part_sum[j * T_ + t], part_idx[j * T_ + t]);
@@ -114,12 +116,12 @@ __global__ void lse_merge_kernel(const float* __restrict__ part_max, const float
 
 template <typename T>
 __global__ void __launch_bounds__(NTHREADS)
-    probs_chunk_kernel(const T* __restrict__ x, const T* __restrict__ keys, const float* __restrict__ key_sq,
-                       const float* __restrict__ frame_sq, const float* __restrict__ tau, const float* __restrict__ lse,
-                       int64_t T_, int64_t d,
-                       int64_t c0, int64_t end, T* __restrict__ P, int64_t ldp, float* __restrict__ counts, bool l2) {
+    probs_chunk_kernel(const T* __restrict__ x, const T* __restrict__ keys, const float* __restrict__ colv,
+                       const float* __restrict__ rowv, const float* __restrict__ frame_sq,
+                       const float* __restrict__ tau, const float* __restrict__ lse, int64_t T_, int64_t d,
+                       int64_t c0, int64_t end, T* __restrict__ P, int64_t ldp, float* __restrict__ counts, int dist) {
   __shared__ __align__(128) unsigned char smem[smem_bytes<T>(1)];
-  const ScoreScale sc(tau, l2);
+  const ScoreScale sc(tau, dist);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t n0 = c0 + static_cast<int64_t>(blockIdx.y) * BN;
   const Op<T> A[1] = {{x, d, 1}};
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(NTHREADS)
     const int64_t t = m0 + r, v = n0 + c;
     float p = 0.f;
     if (t < T_ && v < end) {
-      const float score = sc.true_score(sc.shifted(Cs[r * LDC + c], key_sq, v), sc.frame_offset(frame_sq, t));
+      const float score = sc.true_score(sc.shifted(Cs[r * LDC + c], colv, rowv, t, v), sc.frame_offset(frame_sq, t));
       p = expf(__fsub_rn(score, __ldg(lse + t)));
       P[t * ldp + (v - c0)] = Cfg<T>::from_float(p);
     }
@@ -149,35 +151,35 @@ __global__ void __launch_bounds__(NTHREADS)
 
 }  // namespace dev
 
-void lse_partials(DType dt, const void* x, const void* keys, const float* key_sq_norms, const float* tau, int64_t T,
-                  int64_t V, int64_t d, int64_t splits, int64_t tiles_per_split, float* part_max, float* part_sum,
-                  int32_t* part_idx, bool l2, cudaStream_t stream) {
+void lse_partials(DType dt, const void* x, const void* keys, const float* col_values, const float* row_scale,
+                  const float* tau, int64_t T, int64_t V, int64_t d, int64_t splits, int64_t tiles_per_split,
+                  float* part_max, float* part_sum, int32_t* part_idx, int dist, cudaStream_t stream) {
   if (T == 0 || V == 0) return;
   const dim3 grid(static_cast<unsigned>(dev::ceil_div(T, dev::BM)), static_cast<unsigned>(splits));
   SOFTVQ_DISPATCH(dt, (dev::lse_partials_kernel<scalar_t><<<grid, dev::NTHREADS, 0, stream>>>(
-                          static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(keys), key_sq_norms, tau, T,
-                          V, d, tiles_per_split, part_max, part_sum, part_idx, l2)));
+                          static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(keys), col_values, row_scale,
+                          tau, T, V, d, tiles_per_split, part_max, part_sum, part_idx, dist)));
 }
 
 void lse_merge(const float* part_max, const float* part_sum, const int32_t* part_idx, int64_t splits, int64_t T,
-               const float* frame_sq_norms, const float* tau, bool l2, float* lse, int64_t* indices,
+               const float* frame_sq_norms, const float* tau, int dist, float* lse, int64_t* indices,
                cudaStream_t stream) {
   if (T == 0) return;
   const int threads = 256;
   dev::lse_merge_kernel<<<static_cast<unsigned>(dev::ceil_div(T, threads)), threads, 0, stream>>>(
-      part_max, part_sum, part_idx, splits, T, frame_sq_norms, tau, l2, lse, indices);
+      part_max, part_sum, part_idx, splits, T, frame_sq_norms, tau, dist, lse, indices);
 }
 
-void probs_chunk(DType dt, const void* x, const void* keys, const float* key_sq_norms, const float* frame_sq_norms,
-                 const float* tau, const float* lse, int64_t T, int64_t V, int64_t d, int64_t c0, int64_t width,
-                 void* P, int64_t ldp, float* counts, bool l2, cudaStream_t stream) {
+void probs_chunk(DType dt, const void* x, const void* keys, const float* col_values, const float* row_scale,
+                 const float* frame_sq_norms, const float* tau, const float* lse, int64_t T, int64_t V, int64_t d,
+                 int64_t c0, int64_t width, void* P, int64_t ldp, float* counts, int dist, cudaStream_t stream) {
   if (T == 0 || width <= 0) return;
   const int64_t end = c0 + width < V ? c0 + width : V;
   const dim3 grid(static_cast<unsigned>(dev::ceil_div(T, dev::BM)),
                   static_cast<unsigned>(dev::ceil_div(end - c0, dev::BN)));
   SOFTVQ_DISPATCH(dt, (dev::probs_chunk_kernel<scalar_t><<<grid, dev::NTHREADS, 0, stream>>>(
-                          static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(keys), key_sq_norms,
-                          frame_sq_norms, tau, lse, T, d, c0, end, static_cast<scalar_t*>(P), ldp, counts, l2)));
+                          static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(keys), col_values, row_scale,
+                          frame_sq_norms, tau, lse, T, d, c0, end, static_cast<scalar_t*>(P), ldp, counts, dist)));
 }
 
 int multiprocessor_count() {

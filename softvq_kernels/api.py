@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from softvq_kernels import backends
 from softvq_kernels.op import soft_vq_op
@@ -15,11 +17,13 @@ DISTANCES = ("l2", "cosine", "dot")
 
 
 class SoftVQAux(NamedTuple):
-    """Side outputs of one soft VQ call (none of them carries gradient).
+    """Side outputs of one soft VQ call.
 
-    lse: (...,) fp32 log-sum-exp of the true scores per frame (0 for masked frames).
-    indices: (...,) int64 argmax code per frame, the hard-VQ code (-1 for masked frames).
-    code_counts: (V,) fp32 soft counts sum_t p_tv over real frames.
+    lse: (...,) log-sum-exp of the true scores per frame (0 for masked frames); differentiable, so
+        log p_tv = s_tv - lse_t gives losses on the code distribution.
+    indices: (...,) int64 first argmax code per frame, the hard-VQ code (-1 for masked frames); no gradient.
+    code_counts: (V,) soft counts sum_t p_tv over real frames; differentiable.
+    lse and code_counts are fp32 (fp64 for fp64 inputs).
     """
 
     lse: torch.Tensor
@@ -66,24 +70,67 @@ def _check_inputs(x, codebook, distance, mask, backend) -> None:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
 
 
-def _temperature_tensor(temperature, x: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor on x's device; keeps the autograd link when a tensor was passed."""
+def _temperature_floor(dtype: torch.dtype) -> float:
+    """The smallest temperature whose reciprocal is finite in the accumulation dtype: below it every
+    score overflows (inf - inf = NaN), so no finite answer exists."""
+    return torch.finfo(accumulation_dtype(dtype)).tiny
+
+
+def _check_temperature_value(value: float, x: torch.Tensor) -> None:
+    floor = _temperature_floor(x.dtype)
+    if not (math.isfinite(value) and value >= floor):
+        raise ValueError(
+            f"temperature must be positive and finite, at least {floor:.3g} (the smallest normal "
+            f"{accumulation_dtype(x.dtype)}: below it every score overflows), got {value}"
+        )
+
+
+def _assert_temperature_async(tau: torch.Tensor, x: torch.Tensor) -> None:
+    """The same check without a host sync (inside torch.compile graphs and SoftVQ's hot path)."""
+    floor = _temperature_floor(x.dtype)
+    ok = torch.isfinite(tau) & (tau >= floor)
+    torch._assert_async(ok, f"temperature must be positive and finite, at least {floor:.3g}")
+
+
+def _temperature_tensor(temperature, x: torch.Tensor, *, checked_on_device: bool = False) -> torch.Tensor:
+    """A 0-dim tensor on x's device; keeps the autograd link when a tensor was passed.
+
+    checked_on_device: check the value with a device-side assert instead of reading it on the host
+    (SoftVQ's exp(log tau), which is positive by construction; compiled graphs always do this)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1 or temperature.dim() > 1:
             raise ValueError(f"temperature must be a 0-dim tensor, got shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating-point tensor, got dtype {temperature.dtype}")
-        if not torch.compiler.is_compiling():  # a value check would break a compiled graph
-            value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"temperature must be positive and finite, got {value}")
-        return temperature.reshape(()).to(x.device)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        if temperature.device != x.device and temperature.device.type != "cpu":  # a CPU scalar is moved
+            raise ValueError(
+                f"temperature is on {temperature.device} but x is on {x.device}: pass a float or a "
+                f"tensor on x's device"
+            )
+        tau = temperature.reshape(()).to(x.device)
+        if checked_on_device or torch.compiler.is_compiling():
+            _assert_temperature_async(tau, x)
+        elif tau.device.type != "meta":
+            _check_temperature_value(float(tau.detach()), x)
+        return tau
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float or a 0-dim tensor, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    _check_temperature_value(float(temperature), x)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.tensor(float(temperature), dtype=dtype, device=x.device)
+
+
+def _refuse_forward_ad(backend: str, *tensors) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) would see the fused op as a constant
+    and return a zero tangent: refuse it by name instead."""
+    if torch.compiler.is_compiling():
+        return
+    if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
+            f"supported by soft_vq's fused backend {backend!r}; use backend='reference' (plain PyTorch, "
+            f"materialises the (T, V) scores) or reverse mode (backward / torch.func.vjp)"
+        )
 
 
 # Backend resolution imports modules, which torch.compile cannot trace: it runs once at trace time and
@@ -114,24 +161,29 @@ def _autocast_inputs(x, codebook):
 def _reference_sums(frames, codebook, tau, distance, mask):
     """Soft sums m_v = sum_t p_tv x_t by the spec (materialises (T, V) like the rest of the reference)."""
     acc = accumulation_dtype(frames.dtype)
-    probs = scores(frames.to(acc), codebook.to(acc), tau.to(acc), distance).softmax(dim=-1)
+    frames = frames.to(acc) if mask is None else torch.where(mask[:, None], frames.to(acc), 0.0)
+    probs = scores(frames, codebook.to(acc), tau.to(acc), distance).softmax(dim=-1)
     if mask is not None:
-        probs = probs * mask[:, None]
-    return (probs.T @ frames.to(acc)).float()
+        probs = torch.where(mask[:, None], probs, 0.0)
+    return (probs.T @ frames).float()
 
 
-def _quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, positive_tau=False):
-    """Checks, flattening and dispatch shared by ``soft_vq`` and ``SoftVQ``.
+def quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, tau_checked_on_device=False):
+    """Checks, flattening and dispatch shared by ``soft_vq`` and ``SoftVQ`` (not part of the public API).
 
-    positive_tau=True: temperature is a 0-dim float tensor known to be positive (SoftVQ's exp(log tau)),
-    so its value check, a host sync on GPUs, is skipped.
-    Returns y (..., d), lse (...,) fp32, indices (...,) int64, counts (V,) fp32 (zeros unless
-    need_counts), sums (V, d) fp32 (shape (0, d) unless need_sums); only y carries gradient.
+    tau_checked_on_device=True: temperature is a 0-dim float tensor (SoftVQ's exp(log tau)) whose value
+    is checked by a device-side assert, not read on the host (no GPU sync per call).
+    Returns y (..., d), lse (...,), indices (...,) int64, counts (V,) (zeros unless need_counts),
+    sums (V, d) fp32 (shape (0, d) unless need_sums); y, lse and counts carry gradient.
     """
     x, codebook = _autocast_inputs(x, codebook)
     _check_inputs(x, codebook, distance, mask, backend)
-    tau = temperature.reshape(()).to(x.device) if positive_tau else _temperature_tensor(temperature, x)
+    if not isinstance(need_counts, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(need_counts).__name__}")
+    tau = _temperature_tensor(temperature, x, checked_on_device=tau_checked_on_device)
     name = _resolve_backend(backend, x.device)
+    if name != "reference":
+        _refuse_forward_ad(name, x, codebook, tau)
     d = x.shape[-1]
     frames = x.reshape(-1, d)
     flat_mask = None if mask is None else mask.reshape(-1)
@@ -142,14 +194,13 @@ def _quantize(x, codebook, temperature, distance, mask, backend, need_counts, ne
                 sums = _reference_sums(frames.detach(), codebook.detach(), tau.detach(), distance, flat_mask)
             else:
                 sums = counts.new_zeros(0, d, dtype=torch.float32)
-        lse, counts = lse.detach(), counts.detach().float()
     else:
         y, lse, indices, counts, sums = soft_vq_op(
             frames, codebook, tau, flat_mask, distance, name, need_counts, need_sums
         )
         y = y.to(frames.dtype)  # the op keeps the full-precision y for its backward
     lead = x.shape[:-1]
-    return y.reshape(x.shape), lse.float().reshape(lead), indices.reshape(lead), counts, sums
+    return y.reshape(x.shape), lse.reshape(lead), indices.reshape(lead), counts, sums
 
 
 def soft_vq(
@@ -170,13 +221,14 @@ def soft_vq(
     distance: "l2" (-||x - c||^2), "cosine" (<x/|x|, c/|c|>) or "dot" (<x, c>); the weighted sum
     always uses the raw codebook rows. backend: "auto" | "reference" | "chunked" | "triton" | "cuda".
 
-    Returns y (..., d) in x's dtype, and with return_aux=True also ``SoftVQAux(lse, indices, code_counts)``.
+    Returns y (..., d) in x's dtype, and with return_aux=True also ``SoftVQAux(lse, indices, code_counts)``
+    (lse and code_counts are differentiable: losses on the code distribution need no (T, V) matrix).
     Low-precision inputs accumulate in fp32. NaN in a frame makes that frame's outputs NaN; NaN in the
     codebook makes every output NaN (nothing is silently dropped).
     Under ``torch.autocast`` x and codebook run in the autocast dtype (an fp32 codebook is fine).
     The fused backends run as the custom op ``softvq::soft_vq`` (one node for ``torch.compile``).
     """
-    y, lse, indices, counts, _ = _quantize(x, codebook, temperature, distance, mask, backend, return_aux, False)
+    y, lse, indices, counts, _ = quantize(x, codebook, temperature, distance, mask, backend, return_aux, False)
     if not return_aux:
         return y
     return y, SoftVQAux(lse, indices, counts)

@@ -1,25 +1,21 @@
 """Backend registry: the one place that knows which implementations exist and when they can run.
 
-A backend module (``softvq_kernels.chunked``, ``softvq_kernels.triton``, ``softvq_kernels.cuda``) exports
+A backend is a module plus one ``register_backend(BackendSpec(...))`` line below. The module exports
 
     unavailable_reason(device: torch.device) -> str | None
         None when the backend can run on tensors of ``device``; otherwise a sentence saying why not.
-    forward(x, keys, values, tau, l2, need_counts) -> (y, lse, indices, counts)
-        x: (T, d), keys/values: (V, d) (the same tensor for "l2"/"dot"; cosine passes normalised keys),
-        tau: 0-dim tensor in the accumulation dtype, l2: bool (False means dot-product scores).
-        Returns y (T, d) (any floating dtype; it is saved for backward and cast to x's dtype for the
-        caller), lse (T,) of the true scores in the accumulation dtype, indices (T,) int64 argmax,
-        counts (V,) soft counts or None when need_counts is False.
-        Rows are all real frames: masking is done by the caller (rows are compacted before the call).
-    backward(grad_y, x, keys, values, tau, l2, y, lse) -> (grad_x, grad_keys | None, grad_values, grad_tau)
-        grad_keys may be None only when ``keys is values``; the key-role gradient is then already
-        folded into grad_values.
-
-Optional exports:
-    SUPPORTED_DTYPES: tuple of input dtypes the backend takes (default: all floating dtypes).
-    codebook_stats(x, keys, tau, l2, lse, rows) -> (counts (V,), sums (V, d_rows))
-        soft counts sum_t p_tv and soft sums sum_t p_tv rows_t with p recomputed from lse, for EMA
-        codebook updates; without it softvq_kernels.autograd derives the sums from ``backward``.
+    forward(x, codebook, tau, scoring, need_counts) -> (y, lse, indices, counts | None)
+        x: (T, d) real frames only (the caller compacts masked rows away), codebook: (V, d),
+        tau: 0-dim in the accumulation dtype, scoring: ``Scoring`` (distance and, for cosine, the
+        fp32 inverse row norms of x and codebook: scores are <x_t, c_v> r_t q_v / tau, no normalised copy).
+        Returns y (T, d) (any floating dtype; saved for backward), lse (T,) of the true scores in the
+        accumulation dtype, indices (T,) int64 first argmax, counts (V,) soft counts or None.
+    backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -> BackwardPieces
+        grad_lse (T,) / grad_counts (V,) in the accumulation dtype or None (no gradient reached them).
+        The pieces are the O(T V d) sums; softvq_kernels.epilogue turns them into dx, dc, dtau (one
+        implementation for every backend). docs/math.md derives each piece.
+    codebook_stats(x, codebook, tau, scoring, lse, rows) -> (counts (V,), sums (V, d_rows))
+        soft counts sum_t p_tv and soft sums sum_t p_tv rows_t, p recomputed from lse (EMA updates).
 
 The reference backend is the exception: it is plain PyTorch differentiated by autograd (the spec).
 """
@@ -27,45 +23,129 @@ The reference backend is the exception: it is plain PyTorch differentiated by au
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 
+FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CONTRACT = ("unavailable_reason", "forward", "backward", "codebook_stats")
+
+
+class Scoring(NamedTuple):
+    """How scores are formed. distance: "l2" | "dot" | "cosine"; for cosine x_inv_norm (T,) and
+    codebook_inv_norm (V,) are 1 / max(||row||, eps) in the accumulation dtype (None otherwise)."""
+
+    distance: str
+    x_inv_norm: Optional[torch.Tensor] = None
+    codebook_inv_norm: Optional[torch.Tensor] = None
+
+
+class BackwardPieces(NamedTuple):
+    """What a fused backward computes in its pass over the vocabulary (accumulation dtype), with
+    ds_tv = dL/ds_tv, p_tv, u_tv = log p_tv + log V, q = codebook_inv_norm, r = x_inv_norm (1 unless cosine),
+    kappa_v = (2 if l2 else 1) / tau, times q_v for cosine:
+
+    grad_x_raw (T, d)      sum_v ds_tv kappa_v c_v
+    grad_codebook (V, d)   sum_t p_tv g_t + kappa_v sum_t ds_tv r_t x_t   (value role + key role)
+    (so a kernel forms ds_tv kappa_v once and uses it in both products)
+    ds_rows (T,)           sum_v ds_tv                (= grad_lse_t up to rounding)
+    ds_u_rows (T,)         sum_v ds_tv u_tv
+    p_u_rows (T,)          sum_v p_tv u_tv
+    ds_cols (V,) or None   sum_t ds_tv                (l2 only)
+    ds_s_cols (V,) or None sum_t ds_tv s_tv           (cosine only)
+    """
+
+    grad_x_raw: torch.Tensor
+    grad_codebook: torch.Tensor
+    ds_rows: torch.Tensor
+    ds_u_rows: torch.Tensor
+    p_u_rows: torch.Tensor
+    ds_cols: Optional[torch.Tensor]
+    ds_s_cols: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """name: what users pass as ``backend=``; module: the import path implementing the contract above;
+    devices: device types it can ever run on; dtypes: input dtypes it takes."""
+
+    name: str
+    module: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = FLOATING
+    summary: str = ""
+
+
+REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> BackendSpec:
+    if not isinstance(spec, BackendSpec):
+        raise TypeError(f"register_backend takes a BackendSpec, got {type(spec).__name__}")
+    if spec.name in REGISTRY or spec.name == "auto":
+        raise ValueError(f"a backend named {spec.name!r} is already registered")
+    if not spec.devices or not spec.dtypes:
+        raise ValueError(f"backend {spec.name!r} must name at least one device type and one dtype")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+register_backend(BackendSpec("reference", "softvq_kernels.reference", ("cpu", "cuda", "mps", "xpu", "meta"),
+                             summary="the spec: plain PyTorch over the (T, V) scores, differentiated by autograd"))
+register_backend(BackendSpec("chunked", "softvq_kernels.chunked", ("cpu", "cuda", "mps", "xpu"),
+                             summary="vocabulary chunks with an online log-sum-exp, in PyTorch (CPU default)"))
+register_backend(BackendSpec("triton", "softvq_kernels.triton", ("cuda", "cpu"),
+                             summary="fused Triton kernels (CPU only under TRITON_INTERPRET=1)"))
+register_backend(BackendSpec("cuda", "softvq_kernels.cuda", ("cuda",),
+                             (torch.float32, torch.float16, torch.bfloat16),
+                             summary="CUDA C++ kernels (csrc/)"))
+
 # Backends in the order "auto" tries them, per device type. On an H200 (benchmarks/results/h200-*)
-# triton ran forward + backward 7-8x faster than chunked at 4096x32000x256 and 8192x128256x2048 bf16,
-# and 3-6x faster than the cuda backend, which is therefore never picked by "auto".
+# triton ran forward + backward 7-8x faster than chunked and 3-6x faster than cuda.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("chunked",),
     "cuda": ("triton", "chunked"),
 }
 
-BACKEND_MODULES: dict[str, str] = {
-    "reference": "softvq_kernels.reference",
-    "chunked": "softvq_kernels.chunked",
-    "triton": "softvq_kernels.triton",
-    "cuda": "softvq_kernels.cuda",
-}
-
-BACKEND_NAMES = ("auto", *BACKEND_MODULES)
+BACKEND_NAMES = ("auto", *REGISTRY)
+_loaded: dict[str, ModuleType] = {}
 
 
 def load_backend(name: str) -> ModuleType:
-    return importlib.import_module(BACKEND_MODULES[name])
+    """The backend's module, imported once and checked against the contract."""
+    module = _loaded.get(name)
+    if module is None:
+        module = importlib.import_module(REGISTRY[name].module)
+        if name != "reference":
+            missing = [f for f in _CONTRACT if not callable(getattr(module, f, None))]
+            if missing:
+                raise TypeError(f"backend {name!r} ({module.__name__}) does not implement {missing} of the backend contract")
+        _loaded[name] = module
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run on ``device``, else why it cannot."""
+    device = torch.device(device)
+    spec = REGISTRY[name]
+    if device.type not in spec.devices:
+        return f"it runs on {' / '.join(spec.devices)} tensors, not {device.type}"
     try:
         module = load_backend(name)
     except ImportError as exc:
         return f"its module failed to import ({exc})"
-    return module.unavailable_reason(torch.device(device))
+    return module.unavailable_reason(device)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on tensors of ``device``, e.g. ``["reference", "chunked"]``."""
+    """Names of the backends that can run on tensors of ``device``, e.g. ``["reference", "chunked"]``.
+
+    ``backend="auto"`` picks the first available of ``AUTO_ORDER[device type]`` (CPU: chunked; CUDA:
+    triton, then chunked), else the reference."""
     device = torch.device(device)
-    return [name for name in BACKEND_MODULES if unavailable_reason(name, device) is None]
+    return [name for name in REGISTRY if unavailable_reason(name, device) is None]
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

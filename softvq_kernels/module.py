@@ -20,6 +20,7 @@ torch.distributed), or frozen (``learnable_codebook=False``). Formulas: ../share
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from softvq_kernels import backends
-from softvq_kernels.api import DISTANCES, _quantize
+from softvq_kernels.api import DISTANCES, quantize
+from softvq_kernels.op import snapshot
 
 MODES = ("soft", "hard", "none")
 
@@ -59,7 +61,8 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> 
     per_frame = (a.float() - b.float()).pow(2).mean(dim=-1)
     if mask is None:
         return per_frame.sum() / max(per_frame.numel(), 1)
-    return (per_frame * mask).sum() / mask.sum().clamp_min(1)
+    # select, not multiply: a NaN in a masked frame must not reach the loss (NaN * 0 = NaN)
+    return torch.where(mask, per_frame, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -97,16 +100,22 @@ def _check_number(name, value, *, allow_none=False, low_open=True, high_open=Tru
     return value
 
 
+# log(tau) is kept in fp32: tau = exp(log tau) must stay a normal fp32 number (see soft_vq's check).
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def _check_temperature(value, name="temperature") -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a 1-element tensor, got shape {tuple(value.shape)}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must have a value; got a meta-device tensor")
         value = float(value.detach())
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
     value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
+    if not (math.isfinite(value) and value >= _MIN_TEMPERATURE):
+        raise ValueError(f"{name} must be positive and finite, at least {_MIN_TEMPERATURE:.3g}, got {value}")
     return value
 
 
@@ -285,17 +294,20 @@ class SoftVQ(nn.Module):
             codebook = codebook.to(x.dtype)  # the op runs in x's dtype (autocast: in the autocast dtype)
         update = self.training and self.codebook_update == "ema"
         if self.mode == "soft":
-            if update and codebook.dtype == self.codebook.dtype:
-                codebook = codebook.clone()  # the op saves it for backward; the EMA update rewrites it in place
-            y, _, indices, counts, sums = _quantize(
-                x, codebook, self.temperature, self.distance, mask, self.backend, True, update, positive_tau=True
+            if update:
+                # The op saves the codebook for backward and the EMA update below rewrites it in place: the
+                # backward must see this step's codebook, also in a compiled graph (snapshot's docstring).
+                codebook = snapshot(codebook)
+            y, _, indices, counts, sums = quantize(
+                x, codebook, self.temperature, self.distance, mask, self.backend, True, update,
+                tau_checked_on_device=True,
             )
             loss = self.commitment_weight * _masked_mse(x, y.detach(), mask)
             quantized = y
         else:
-            _, _, indices, _, _ = _quantize(
+            _, _, indices, _, _ = quantize(
                 x.detach(), codebook.detach(), self.temperature.detach(), self.distance, mask, self.backend,
-                False, False, positive_tau=True,
+                False, False, tau_checked_on_device=True,
             )
             real = indices >= 0
             codes = F.embedding(indices.clamp_min(0), codebook)  # (..., d)
@@ -308,7 +320,7 @@ class SoftVQ(nn.Module):
             counts.index_add_(0, flat_idx.clamp_min(0), real.reshape(-1).float())
             sums = None
             if update:
-                frames = (x.detach().float() * real[..., None]).reshape(-1, x.shape[-1])
+                frames = torch.where(real[..., None], x.detach().float(), 0.0).reshape(-1, x.shape[-1])
                 sums = torch.zeros(V, x.shape[-1], dtype=torch.float32, device=x.device)
                 sums.index_add_(0, flat_idx.clamp_min(0), frames)
         if mask is not None:
@@ -327,7 +339,7 @@ class SoftVQ(nn.Module):
     @torch.no_grad()
     def _update_statistics(self, counts: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
         """Sync the batch statistics over processes, update the EMA buffers (and the EMA codebook)."""
-        counts = counts.detach().clone()
+        counts = counts.detach().to(torch.float32, copy=True)
         if sums is None:
             _all_reduce_sum_(counts)
         else:

@@ -35,19 +35,27 @@ def random_problem(T_shape, V, d, dtype, device, *, scale=1.0, masked=False, req
     return x, codebook, temperature, mask
 
 
-def run_with_grads(x, codebook, temperature, *, distance, mask, backend, upstream):
-    """Forward with aux, then gradients of <upstream, y> for x, codebook and temperature."""
+def run_with_grads(x, codebook, temperature, *, distance, mask, backend, upstream, upstream_lse=None,
+                   upstream_counts=None):
+    """Forward with aux, then gradients of <upstream, y> + <upstream_lse, lse> + <upstream_counts, counts>
+    for x, codebook and temperature (every differentiable output at once)."""
     y, aux = sk.soft_vq(
         x, codebook, temperature, distance=distance, mask=mask, backend=backend, return_aux=True
     )
-    grads = torch.autograd.grad((y.float() * upstream).sum(), (x, codebook, temperature))
+    loss = (y.double() * upstream.double()).sum()
+    if upstream_lse is not None:
+        loss = loss + (aux.lse.double() * upstream_lse.double()).sum()
+    if upstream_counts is not None:
+        loss = loss + (aux.code_counts.double() * upstream_counts.double()).sum()
+    grads = torch.autograd.grad(loss, (x, codebook, temperature))
     return y, aux, grads
 
 
-def fp64_oracle(x, codebook, temperature, *, distance, mask, upstream):
+def fp64_oracle(x, codebook, temperature, *, distance, mask, upstream, upstream_lse=None, upstream_counts=None):
     """The reference on the same values in fp64 (inputs already rounded to the tested dtype)."""
     leaves = [t.detach().double().requires_grad_() for t in (x, codebook, temperature)]
-    return run_with_grads(*leaves, distance=distance, mask=mask, backend="reference", upstream=upstream.double())
+    return run_with_grads(*leaves, distance=distance, mask=mask, backend="reference", upstream=upstream,
+                          upstream_lse=upstream_lse, upstream_counts=upstream_counts)
 
 
 def assert_indices_are_argmax(indices, x, codebook, temperature, distance, mask, atol):

@@ -41,15 +41,6 @@ def test_every_cpu_dtype_against_fp64_reference(dtype, distance):
     assert_grads_close(grads, grads_ref, eager_grads, REL_TOL[dtype])
 
 
-def test_chunk_size_follows_the_memory_budget():
-    budget = 8 * 2**20
-    with chunked.options(memory_budget=budget):
-        size = chunked.chunk_size_for(4096, 32000, torch.float32)
-    assert size * 4096 * 4 * chunked._LIVE_TEMPORARIES <= budget
-    assert size >= chunked._MIN_CHUNK
-    assert chunked.chunk_size_for(4, 10, torch.float32) == 10  # never wider than the vocabulary
-
-
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_bad_chunk_options(bad):
     with pytest.raises(ValueError, match="chunk_size"):

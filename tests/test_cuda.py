@@ -13,6 +13,7 @@ codebook_stats, and agreement with the triton backend.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ import torch
 
 import softvq_kernels.cuda as cuda_backend
 import tests.test_backends as shared
-from softvq_kernels import available_backends
+from softvq_kernels import available_backends, backends
+from softvq_kernels.backends import Scoring
 from softvq_kernels.cuda import _build
 from tests.helpers import random_problem, rel_err, run_with_grads
 
@@ -230,6 +232,8 @@ def emulated_cuda(emulated_extension, monkeypatch):
         pytest.skip("a GPU runs the real kernels instead")
     monkeypatch.setattr(_build, "_module", emulated_extension)
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
+    spec = backends.REGISTRY["cuda"]
+    monkeypatch.setitem(backends.REGISTRY, "cuda", dataclasses.replace(spec, devices=(*spec.devices, "cpu")))
     return "cuda"
 
 
@@ -251,14 +255,15 @@ def test_emulated_backend_shapes(emulated_cuda, T_shape, V, d):
 @pytest.mark.parametrize("distance", ["l2", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 def test_emulated_backend_several_chunks(emulated_cuda, monkeypatch, dtype, distance):
-    monkeypatch.setenv("SOFTVQ_CUDA_WORKSPACE_BYTES", "1")  # 64-column chunks
+    monkeypatch.setenv("SOFTVQ_WORKSPACE_BYTES", "1")  # 64-column chunks
     shared._check_against_reference(emulated_cuda, (67,), 200, 40, dtype, distance, masked=True)
 
 
 @needs_gxx
 @pytest.mark.parametrize("distance", ["l2", "cosine", "dot"])
-def test_emulated_backend_huge_magnitudes(emulated_cuda, distance):
-    shared.test_huge_magnitudes_stay_finite_and_exact(emulated_cuda, distance)
+@pytest.mark.parametrize("regime", ["inputs_x1e3", "tau_1e-30"])
+def test_emulated_backend_one_hot_regime(emulated_cuda, distance, regime):
+    shared.test_one_hot_regime_is_exact(emulated_cuda, distance, regime)
 
 
 @needs_gxx
@@ -270,15 +275,17 @@ def test_emulated_backend_edge_cases(emulated_cuda):
 
 
 @needs_gxx
-@pytest.mark.parametrize("l2", [True, False], ids=["l2", "dot"])
-def test_emulated_codebook_stats(emulated_cuda, l2):
+@pytest.mark.parametrize("distance", ["l2", "dot", "cosine"])
+def test_emulated_codebook_stats(emulated_cuda, distance):
     from softvq_kernels import chunked
+    from softvq_kernels.autograd import inverse_norms
 
-    x, keys, rows = torch.randn(45, 20), torch.randn(150, 20), torch.randn(45, 7)
+    x, codebook, rows = torch.randn(45, 20), torch.randn(150, 20), torch.randn(45, 7)
     tau = torch.tensor(0.8)
-    _, lse, _, _ = chunked.forward(x, keys, keys, tau, l2, False)
-    counts, sums = cuda_backend.codebook_stats(x, keys, tau, l2, lse, rows)
-    counts_ref, sums_ref = chunked.codebook_stats(x, keys, tau, l2, lse, rows)
+    scoring = Scoring(distance, *((inverse_norms(x), inverse_norms(codebook)) if distance == "cosine" else ()))
+    _, lse, _, _ = chunked.forward(x, codebook, tau, scoring, False)
+    counts, sums = cuda_backend.codebook_stats(x, codebook, tau, scoring, lse, rows)
+    counts_ref, sums_ref = chunked.codebook_stats(x, codebook, tau, scoring, lse, rows)
     assert rel_err(counts, counts_ref) < 1e-5 and rel_err(sums, sums_ref) < 1e-5
 
 
@@ -301,7 +308,7 @@ def test_gpu_matches_reference_over_several_tiles(T_shape, V, d, masked, dtype, 
 @pytest.mark.parametrize("distance", ["l2", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 def test_gpu_several_chunks_and_large_d(monkeypatch, dtype, distance):
-    monkeypatch.setenv("SOFTVQ_CUDA_WORKSPACE_BYTES", "1")  # 64-column chunks
+    monkeypatch.setenv("SOFTVQ_WORKSPACE_BYTES", "1")  # 64-column chunks
     shared._check_against_reference("cuda", (70,), 333, 1000, dtype, distance, True, scale=1000**-0.25)
 
 

@@ -63,32 +63,6 @@ def test_soft_sums_match_reference(backend, distance, masked):
     torch.testing.assert_close(counts, probs.sum(0).float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_soft_sums_use_a_backend_hook_when_there_is_one(distance, masked, monkeypatch):
-    x, codebook, tau, mask = _inputs(requires_grad=False)
-    mask = mask if masked else None
-    probs = scores(x, codebook, tau, distance).softmax(-1)
-    if mask is not None:
-        probs = probs * mask[:, None]
-    expected = (probs.T @ x).float()
-
-    calls = []
-
-    def codebook_stats(frames, keys, tau_acc, l2, lse, rows):  # what chunked.py could export
-        calls.append(l2)
-        s = (2 * frames @ keys.T - keys.pow(2).sum(-1)) if l2 else frames @ keys.T
-        offset = frames.pow(2).sum(-1, keepdim=True) if l2 else 0
-        p = torch.exp((s - offset) / tau_acc - lse[:, None])
-        return p.sum(0), p.T @ rows
-
-    monkeypatch.setattr(chunked, "codebook_stats", codebook_stats, raising=False)
-    *_, counts, sums = fused_forward(x, codebook, tau, mask, distance, "chunked", True, True)
-    assert calls == [distance == "l2"]
-    torch.testing.assert_close(sums, expected)
-    torch.testing.assert_close(counts, probs.sum(0).float())
-
-
 def test_compile_sees_one_op_and_no_graph_break():
     graphs = []
 

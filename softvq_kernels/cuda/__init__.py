@@ -1,15 +1,18 @@
 """The ``cuda`` backend: CUDA C++ kernels (csrc/) behind the backend contract of ``softvq_kernels.backends``.
 
 The compiled module is ``softvq_kernels._cuda`` when ``pip install`` built it, else a JIT build of
-csrc/ on first use (see ``_build.py``). Cosine normalisation, masks and dtype handling are done by
-``softvq_kernels.autograd`` (fused_forward / fused_backward); these functions see l2/dot on real frames only.
-Inputs: float32, float16 or bfloat16 (fp32 accumulation; fp32 products use 3xTF32 on tensor cores).
+csrc/ on first use (see ``_build.py``). Masks and dtype handling are done by
+``softvq_kernels.autograd`` (fused_forward / fused_backward); these functions see real frames only, and
+cosine as inverse row norms scaled inside the kernels. Inputs: float32, float16 or bfloat16 (fp32
+accumulation; fp32 products use 3xTF32 on tensor cores).
 """
 
 from __future__ import annotations
 
 import torch
 
+from softvq_kernels import planning
+from softvq_kernels.backends import BackwardPieces
 from softvq_kernels.cuda import _build
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA (WMMA) needs sm_80
@@ -34,22 +37,33 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _build.build_unavailable_reason()
 
 
-def forward(x, keys, values, tau, l2, need_counts):
-    """x: (T, d), keys/values: (V, d), tau: 0-dim -> y (T, d) fp32, lse (T,) fp32, indices (T,) int64,
+_DIST_CODES = {"dot": 0, "l2": 1, "cosine": 2}  # softvq::Distance in csrc/softvq.h
+_TILE = 64  # the kernels' BM = BN
+
+
+def _scoring_args(scoring):
+    return _DIST_CODES[scoring.distance], scoring.x_inv_norm, scoring.codebook_inv_norm
+
+
+def _chunk_cols(x, codebook, live_matrices):
+    return planning.vocab_chunk(x.shape[0], codebook.shape[0], x.element_size(), live_matrices, multiple=_TILE)
+
+
+def forward(x, codebook, tau, scoring, need_counts):
+    """x: (T, d), codebook: (V, d), tau: 0-dim -> y (T, d) fp32, lse (T,) fp32, indices (T,) int64,
     counts (V,) fp32 or None. See softvq_kernels.backends for the contract."""
-    y, lse, indices, counts = _build.load().forward(x, keys, values, tau, bool(l2), bool(need_counts))
-    return y, lse, indices, counts
+    return _build.load().forward(x, codebook, tau, *_scoring_args(scoring), bool(need_counts),
+                                 planning.program_target(x.device), _chunk_cols(x, codebook, 1))
 
 
-def backward(grad_y, x, keys, values, tau, l2, y, lse):
-    """-> (grad_x, grad_keys or None when keys is values, grad_values, grad_tau), all fp32."""
-    grad_x, grad_keys, grad_values, grad_tau = _build.load().backward(grad_y, x, keys, values, tau, bool(l2), y, lse)
-    return grad_x, grad_keys, grad_values, grad_tau
+def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
+    """-> BackwardPieces (fp32); P and dS are staged, two (T, chunk) workspaces."""
+    pieces = _build.load().backward(grad_y, x, codebook, tau, *_scoring_args(scoring), y, lse, grad_lse, grad_counts,
+                                    _chunk_cols(x, codebook, 2))
+    return BackwardPieces(*pieces)
 
 
-
-def codebook_stats(x, keys, tau, l2, lse, rows):
-    """Soft counts sum_t p_tv (V,) and soft sums sum_t p_tv rows_t (V, D), fp32, p recomputed from lse
-    (the optional hook of softvq_kernels.backends: one scores pass and one product)."""
-    counts, sums = _build.load().codebook_stats(x, keys, tau, bool(l2), lse, rows)
-    return counts, sums
+def codebook_stats(x, codebook, tau, scoring, lse, rows):
+    """Soft counts sum_t p_tv (V,) and soft sums sum_t p_tv rows_t (V, D), fp32, p recomputed from lse."""
+    return _build.load().codebook_stats(x, codebook, tau, *_scoring_args(scoring), lse, rows,
+                                        _chunk_cols(x, codebook, 1))

@@ -1,63 +1,34 @@
-"""Triton backend: fused soft VQ kernels (issue 3). The same kernels run on CUDA and, with
-TRITON_INTERPRET=1 set before triton is imported, in Triton's CPU interpreter (how CI tests them).
+"""Triton backend: fused soft VQ kernels. The same kernels run on CUDA and, with TRITON_INTERPRET=1 set
+before triton is imported, in Triton's CPU interpreter (how CI tests them).
 
-What this backend implements, and what it relies on. ``softvq_kernels.autograd`` compacts masked
-frames away before calling ``forward``/``backward`` (rows are all real frames here) and turns cosine
-into ``dot`` on normalised rows (values stay raw, the chain rule through the normalisation is done
-there), so the kernels implement l2 and dot only. Masks and cosine are tested end to end through
-``soft_vq`` in tests/test_triton.py and tests/test_backends.py.
+``softvq_kernels.autograd`` compacts masked frames away before calling ``forward``/``backward`` (rows
+are all real frames here) and passes cosine as inverse row norms (scores <x, c> r_t q_v / tau, scaled
+inside the kernels: no normalised copy of the codebook). The kernels implement l2, dot and cosine.
 
-Scores. l2 uses a_tv = (2<x_t, k_v> - ||k_v||^2) / tau (the true score plus ||x_t||^2 / tau, which the
-softmax ignores); ||k_v||^2 is one row-norm kernel per call, ||x_t||^2 / tau one per call. Every score
-tile comes from ``common.score_tile`` with the same BLOCK_K, so all kernels recompute bitwise equal
-scores and p = exp((a - ||x||^2/tau) - lse) is exactly 1 at the argmax of a one-hot row.
+Scores. l2 uses a_tv = (2<x_t, c_v> - ||c_v||^2) / tau (the true score plus ||x_t||^2 / tau, which the
+softmax ignores). Every score tile comes from ``common.score_tile`` with the same BLOCK_K (or from the
+same cuBLAS chunk product), so all kernels recompute bitwise equal scores and p = exp(s - lse) is
+exactly 1 at the argmax of a one-hot row.
 
-Forward schedule (forward.py).
+Forward (forward.py).
 1. ``_online_kernel``, grid (T / BLOCK_T, splits): one pass over the program's share of the vocabulary
-   with an online max / sum and the first argmax. When next_pow2(d) <= ``fused_max_d`` (256 for 16-bit
-   inputs on the GPU) it also keeps the unnormalised output sum_v exp(a - m) v in a BLOCK_T x d register
-   accumulator: a FlashAttention-style single pass, 4 T V d FLOPs. The vocabulary is split across
-   programs when T / BLOCK_T alone would leave SMs idle; partial (m, l, idx, output) are merged by their
-   LSE (w_s = exp(m_s - max m), y = sum w_s acc_s / sum w_s l_s), argmax by the largest split max.
-2. Large d (d = 896-8192): a BLOCK_T x d accumulator does not fit on chip (64 x 4096 fp32 is the whole
-   register file), so the online pass computes only lse and argmax (2 T V d), and the output is made by
-   staging: for each vocabulary chunk of ``width`` columns (T x width fits ``workspace_bytes``, 64 MiB:
-   4096 columns at T = 8192 in bf16), ``_stage_kernel`` writes the exact
-   probabilities p = exp(s - lse) in the input dtype (as FlashAttention rounds P before its PV product)
-   and ``_mm_kernel`` adds P @ values_chunk into an fp32 y. 6 T V d FLOPs, all tensor-core GEMM work; the
-   staged tile costs 4 bytes per 4d FLOPs (intensity d >= 896 > the H200 bf16 ridge of ~206 FLOP/B).
-3. code_counts need the final lse, so they cannot come from the online pass: they are the column sums of
-   the staging kernel (atomics over T blocks), free in the staged path and a second scores-only launch
-   (2 T V d) in the fused path, run only when counts are asked for. ``codebook_stats`` (the autograd.py
-   hook for EMA statistics) stages p chunk by chunk for counts and soft sums sum_t p_tv x_t (4 T V d).
+   with an online max / sum and the first argmax. When next_pow2(d) <= ``fused_max_d`` it also keeps
+   the unnormalised output sum_v exp(a - m) c_v in a BLOCK_T x d register accumulator (FlashAttention
+   style, 4 T V d FLOPs). The vocabulary is split across programs when T / BLOCK_T alone would leave
+   SMs idle; partial (m, l, idx, output) merge by their LSE, the index by the first split at the max.
+2. Large d: a BLOCK_T x d accumulator does not fit on chip, so the online pass computes only lse and
+   argmax (2 T V d) and the output is staged: per vocabulary chunk ``_stage_kernel`` writes the exact
+   probabilities p = exp(s - lse) in the input dtype and a GEMM adds P @ C_chunk into an fp32 y
+   (6 T V d, all tensor-core work; the staged tile costs 4 bytes per 4 d FLOPs).
+3. code_counts need the final lse: column sums of the staging kernel (atomics over T blocks), free in the
+   staged path and a scores-only launch (2 T V d) in the fused path, run only when asked for.
 
-Backward schedule (backward.py). Both variants recompute p = exp((a - ||x||^2/tau) - lse) from the saved
-lse and ds = p (<g, v> - <g, y>); fp32 accumulation throughout.
-- Fused, next_pow2(d) <= ``fused_bwd_max_d`` (256 for 16-bit on the GPU): FlashAttention-2 style, no
-  workspace at all. ``_fused_codebook_kernel`` owns BLOCK_V codebook rows and loops over every frame
-  (scores, dp, p^T g and ds^T x into one on-chip BLOCK_V x d accumulator when keys is values, two
-  otherwise: 8 T V d FLOPs); ``_fused_frames_kernel`` owns BLOCK_T frames and loops over the vocabulary
-  (scores, dp, ds c: 6 T V d). 14 T V d in all, each output row written once, in its final form.
-- Staged, large d: per vocabulary chunk ``_stage_kernel`` recomputes scores and dp (4 T V d), writes p
-  and ds for the chunk (T x width each, input dtype) and adds the row / column sums of ds and
-  sum ds log p with atomics; then ``_mm_kernel`` does dx += ds @ k_chunk (fp32 accumulator over chunks)
-  and one two-product GEMM writes the chunk's codebook rows
-  sum_t p g_t + (2/tau)(sum_t ds x_t - c_v sum_t ds) directly (key role folded in when keys is values).
-  10 T V d FLOPs; the staged tiles cost 10 bytes per 10 d FLOPs, cheap for d >= 896.
-Exactness rewrites (as in the chunked backend): dtau = -(1/tau) sum ds u with u = log p + log V and the
-per-row correction -(sum_v ds)(sum_v p u) (backward.backward says why), and
-dx = (2/tau)(sum_v ds c_v - y sum_v ds); both are exact because sum_v ds = 0 and keep one-hot rows exact.
+Backward (backward.py): staged at every d, see its docstring. A gradient on code_counts costs one
+extra scores-only pass (c_t = sum_v p_tv gn_v is needed before any ds); a gradient on lse is free.
 
-Dtypes: fp32 / fp16 / bf16 with fp32 accumulation (fp32 products use IEEE fp32, not TF32, so fp32 runs
-on the FMA units and its GPU config stages the backward), and fp64 with fp64 accumulation (gradcheck;
-compiled for sm_90 here, never run on a GPU). The interpreter's bf16 tl.dot is wrong, so bf16 is tested on GPUs
-only. Block sizes: configs.py, picked from a sweep on an H200 (2026-11-26): there the staged backward
-beats the fused one at d = 256 (1.6 vs 6.1 ms at 4096x32000x256), so GPUs stage at every d, and at large d
-the staged tiles are multiplied by cuBLAS (``KernelConfig.gemm``). For d >= 2048 the GPU config also takes
-each vocabulary chunk's scores and dp from cuBLAS products (``KernelConfig.score_gemm``, fp32, T x chunk),
-so every FLOP of the forward (6 T V d) and backward (10 T V d) is a cuBLAS GEMM and the Triton kernels only
-read S / dP and write P / ds; forward and backward use the same chunks, hence bitwise the same scores.
-Measured speed and memory: README.md.
+Dtypes: fp32 / fp16 / bf16 with fp32 accumulation (fp32 products use IEEE fp32, not TF32), and fp64
+with fp64 accumulation (gradcheck). The interpreter's bf16 tl.dot is wrong, so bf16 is tested on GPUs
+only. Block sizes: configs.py; tuning: tuning.py.
 """
 
 from __future__ import annotations
@@ -71,10 +42,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 try:
     import triton  # noqa: F401
 
-    # Loaded now so that the names ``forward``/``backward`` below (the contract's functions) are bound
-    # after, not replaced by, the submodules of the same name.
-    from softvq_kernels.triton import backward as _backward_module
-    from softvq_kernels.triton import forward as _forward_module
+    from softvq_kernels.triton.backward import backward as _backward
+    from softvq_kernels.triton.forward import codebook_stats as _codebook_stats
+    from softvq_kernels.triton.forward import forward as _forward
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - triton is a dependency on Linux x86-64
@@ -94,14 +64,13 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need CUDA tensors, got device type {device.type!r}"
 
 
-def forward(x, keys, values, tau, l2, need_counts):
-    return _forward_module.forward(x, keys, values, tau, l2, need_counts)
+def forward(x, codebook, tau, scoring, need_counts):
+    return _forward(x, codebook, tau, scoring, need_counts)
 
 
-def backward(grad_y, x, keys, values, tau, l2, y, lse):
-    return _backward_module.backward(grad_y, x, keys, values, tau, l2, y, lse)
+def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
+    return _backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts)
 
 
-def codebook_stats(x, keys, tau, l2, lse, rows):
-    """Optional hook of softvq_kernels.autograd: (counts (V,), soft sums (V, d)) from the saved lse."""
-    return _forward_module.codebook_stats(x, keys, tau, l2, lse, rows)
+def codebook_stats(x, codebook, tau, scoring, lse, rows):
+    return _codebook_stats(x, codebook, tau, scoring, lse, rows)

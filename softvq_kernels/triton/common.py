@@ -62,13 +62,22 @@ def mma(a, b, acc, PREC: tl.constexpr):
     return out
 
 
+# Score kinds (the DIST constexpr of every kernel).
+DIST_DOT = 0
+DIST_L2 = 1
+DIST_COSINE = 2
+DIST_CODES = {"dot": DIST_DOT, "l2": DIST_L2, "cosine": DIST_COSINE}
+
+
 @triton.jit
-def score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-               L2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+def score_tile(x_ptr, k_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
+               DIST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                s_ptr, stride_s, s_col0, FROM_GEMM: tl.constexpr):
-    """a_tv for a (BLOCK_T, BLOCK_V) tile: l2 (2<x,k> - ||k||^2)/tau, dot <x,k>/tau; -inf past V.
+    """Shifted scores a_tv for a (BLOCK_T, BLOCK_V) tile; -inf past V.
 
+    l2: (2<x,k> - ||k||^2)/tau (colv = ||k||^2; the true score is a - ||x||^2/tau); dot: <x,k>/tau;
+    cosine: <x,k> r_t q_v / tau (rowv = r, colv = q: inverse norms, so no normalised copy exists).
     FROM_GEMM: <x, k> comes from a chunk of the (T, V) product already computed by cuBLAS (fp32, column
     v at v - s_col0) instead of the tile's own dot products (the cuBLAS-scores schedule, large d)."""
     if FROM_GEMM:
@@ -82,9 +91,13 @@ def score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, 
             xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             kt = tl.load(k_ptr + cols[None, :] * stride_k + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc = mma(xt, kt, acc, PREC)
-    if L2:
-        knorm = tl.load(knorm_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    if DIST == 1:
+        knorm = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         a = acc * (2.0 * inv_tau) - knorm[None, :] * inv_tau
+    elif DIST == 2:
+        q = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        r = tl.load(rowv_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        a = acc * r[:, None] * q[None, :] * inv_tau
     else:
         a = acc * inv_tau
     return tl.where(col_ok[None, :], a, float("-inf"))
@@ -122,31 +135,34 @@ def rowdot(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 
 
 @triton.jit
-def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
-                  p_ptr, counts_ptr,
-                  g_ptr, v_ptr, delta_ptr, ds_ptr, colsum_ptr, rowsum_ptr, dtau_ptr, p_u_ptr,
+def _stage_kernel(x_ptr, k_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, xoff_ptr,
+                  p_ptr, counts_ptr, w_ptr, wsum_ptr,
+                  g_ptr, delta_ptr, gamma_ptr, gn_ptr, ds_ptr,
+                  colsum_ptr, rowsum_ptr, ds_u_ptr, p_u_ptr, ds_s_ptr,
                   s_ptr, dp_ptr,
                   T, D, v_start, v_stop, log_v,
-                  stride_x, stride_k, stride_g, stride_v, stride_p, stride_ds, stride_s,
-                  L2: tl.constexpr, STORE_P: tl.constexpr, COUNTS: tl.constexpr, BACKWARD: tl.constexpr,
-                  FROM_GEMM: tl.constexpr, SCALE_DS: tl.constexpr,
+                  stride_x, stride_k, stride_g, stride_p, stride_ds, stride_s,
+                  DIST: tl.constexpr, STORE_P: tl.constexpr, COUNTS: tl.constexpr, ROW_WEIGHTED: tl.constexpr,
+                  BACKWARD: tl.constexpr, HAS_GN: tl.constexpr, FROM_GEMM: tl.constexpr,
                   PREC_S: tl.constexpr, PREC_DP: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_T, BLOCK_V) tile of the chunk [v_start, v_stop): exact p = exp(s - lse) from the
-    final lse; optionally stores p (column v - v_start of the workspace), adds column sums of p to
-    counts, and (BACKWARD) stores ds = p (<g, v> - delta), adds its column sums (l2 key term), its
-    row sums (dx rewrite), sum ds * u and the row sums of p * u (temperature, u = log p + log V: see
-    softvq_kernels.triton.backward.backward) with atomics. FROM_GEMM: <x, k> and <g, v> are read from
-    cuBLAS products of the chunk (s_ptr, dp_ptr: (T, chunk) fp32, row stride stride_s)."""
+    final lse; optionally stores p (column v - v_start of the workspace), adds the column sums of p to
+    counts, and (ROW_WEIGHTED) sum_v p_tv w_v to wsum_t (the counts-gradient term). BACKWARD:
+    ds = p (<g, c> + gn_v - delta'_t), or gamma_t where p is exactly 1 (one-hot rows: what a delta
+    formed from the same dp gives, exactly); stores ds * kappa_v (kappa = (2 if l2 else 1) / tau, times
+    q_v for cosine) and adds with atomics: row sums of ds, ds * u and p * u (u = log p + log V), column
+    sums of ds (l2) or ds * s (cosine). FROM_GEMM: <x, k> and <g, c> are read from cuBLAS products of
+    the chunk (s_ptr, dp_ptr: (T, chunk) fp32, row stride stride_s)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
     col_ok = cols < v_stop
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
-    a = score_tile(x_ptr, k_ptr, knorm_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
-                   L2, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, v_start, FROM_GEMM)
+    a = score_tile(x_ptr, k_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_k,
+                   DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, v_start, FROM_GEMM)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    if L2:
+    if DIST == 1:
         a = a - tl.load(xoff_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     ok = row_ok[:, None] & col_ok[None, :]
     log_p = tl.where(ok, a - lse[:, None], float("-inf"))
@@ -156,6 +172,9 @@ def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
         tl.store(p_ptr + rows[:, None] * stride_p + wcols[None, :], p.to(p_ptr.dtype.element_ty), mask=ok)
     if COUNTS:
         tl.atomic_add(counts_ptr + cols, tl.sum(p, 0), mask=col_ok)
+    if ROW_WEIGHTED:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        tl.atomic_add(wsum_ptr + rows, tl.sum(p * w[None, :], 1), mask=row_ok)
     if BACKWARD:
         if FROM_GEMM:
             dp = tl.load(dp_ptr + rows[:, None] * stride_s + wcols[None, :], mask=ok, other=0.0).to(ACC)
@@ -165,32 +184,40 @@ def _stage_kernel(x_ptr, k_ptr, knorm_ptr, tau_ptr, lse_ptr, xoff_ptr,
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
                 gt = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                vt = tl.load(v_ptr + cols[None, :] * stride_v + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                vt = tl.load(k_ptr + cols[None, :] * stride_k + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
                 dp = mma(gt, vt, dp, PREC_DP)
+        if HAS_GN:
+            dp = dp + tl.load(gn_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-        if SCALE_DS:  # stored as d a / d<x, k> * ds, so the GEMMs over it need no epilogue scale
-            ds_out = ds * ((2.0 if L2 else 1.0) * inv_tau)
-        else:
-            ds_out = ds
-        tl.store(ds_ptr + rows[:, None] * stride_ds + wcols[None, :], ds_out.to(ds_ptr.dtype.element_ty), mask=ok)
-        if L2:
-            tl.atomic_add(colsum_ptr + cols, tl.sum(ds, 0), mask=col_ok)
-        tl.atomic_add(rowsum_ptr + rows, tl.sum(ds, 1), mask=row_ok)
+        gamma = tl.load(gamma_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        ds = tl.where(p == 1.0, gamma[:, None], p * (dp - delta[:, None]))
+        ds = tl.where(ok, ds, 0.0)
         u = tl.where(ok, log_p + log_v, 0.0)
+        tl.atomic_add(rowsum_ptr + rows, tl.sum(ds, 1), mask=row_ok)
+        tl.atomic_add(ds_u_ptr + rows, tl.sum(ds * u, 1), mask=row_ok)
         tl.atomic_add(p_u_ptr + rows, tl.sum(p * u, 1), mask=row_ok)
-        tl.atomic_add(dtau_ptr, tl.sum(tl.sum(ds * u, 1), 0))
+        if DIST == 1:
+            tl.atomic_add(colsum_ptr + cols, tl.sum(ds, 0), mask=col_ok)
+            kappa = 2.0 * inv_tau
+            ds_k = ds * kappa
+        elif DIST == 2:
+            s_true = tl.where(ok, log_p + lse[:, None], 0.0)
+            tl.atomic_add(ds_s_ptr + cols, tl.sum(ds * s_true, 0), mask=col_ok)
+            q = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            ds_k = ds * (q * inv_tau)[None, :]
+        else:
+            ds_k = ds * inv_tau
+        tl.store(ds_ptr + rows[:, None] * stride_ds + wcols[None, :], ds_k.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _mm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, r_ptr, e_ptr, c_ptr, tau_ptr,
-               M, N, K, alpha_mul,
-               s_am, s_ak, s_bk, s_bn, s_a2m, s_a2k, s_b2k, s_b2n, s_em, s_cm,
-               HAS_SECOND: tl.constexpr, ROWSUB: tl.constexpr, SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+def _mm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr,
+               M, N, K,
+               s_am, s_ak, s_bk, s_bn, s_a2m, s_a2k, s_b2k, s_b2n, s_cm,
+               HAS_SECOND: tl.constexpr, ACCUMULATE: tl.constexpr,
                PREC1: tl.constexpr, PREC2: tl.constexpr, ACC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C (+)= A @ B  [+ alpha (A2 @ B2 - r E)]   or, with SCALE and no second product,
-    C (+)= alpha (A @ B - r E); alpha = alpha_mul / tau. fp32 (fp64) accumulation, stored in C's dtype."""
+    """C (+)= A @ B [+ A2 @ B2]: fp32 (fp64) accumulation, stored in C's dtype."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -203,63 +230,53 @@ def _mm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, r_ptr, e_ptr, c_ptr, tau_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc1 = mma(a, b, acc1, PREC1)
+        acc = mma(a, b, acc, PREC1)
         if HAS_SECOND:
             a2 = tl.load(a2_ptr + rm[:, None] * s_a2m + rk[None, :] * s_a2k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b2 = tl.load(b2_ptr + rk[:, None] * s_b2k + rn[None, :] * s_b2n, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc2 = mma(a2, b2, acc2, PREC2)
+            acc = mma(a2, b2, acc, PREC2)
     ok = m_ok[:, None] & n_ok[None, :]
-    alpha = alpha_mul / tl.load(tau_ptr).to(ACC)
-    if HAS_SECOND:
-        scaled = acc2
-    else:
-        scaled = acc1
-    if ROWSUB:
-        r = tl.load(r_ptr + rm, mask=m_ok, other=0.0).to(ACC)
-        e = tl.load(e_ptr + rm[:, None] * s_em + rn[None, :], mask=ok, other=0.0).to(ACC)
-        scaled = scaled - r[:, None] * e
-    if HAS_SECOND:
-        out = acc1 + alpha * scaled
-    elif SCALE:
-        out = alpha * scaled
-    else:
-        out = scaled
     c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :]
     if ACCUMULATE:
-        out += tl.load(c_ptrs, mask=ok, other=0.0).to(ACC)
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(c_ptrs, mask=ok, other=0.0).to(ACC)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
-def matmul_into(c, a, b, cfg, *, tau, second=None, rowsub=None, scale=None, accumulate=False):
-    """c (M, N) (+)= a @ b [+ alpha (a2 @ b2 - r e)] with alpha = scale / tau; a, b may be transposed views.
-
-    second: (a2, b2) or None; rowsub: (r (M,), e (M, N) rows-contiguous) or None; scale: float or None
-    (None and no second product: plain a @ b). c must be rows-contiguous.
-    """
+def matmul_into(c, a, b, cfg, *, second=None, accumulate=False):
+    """c (M, N) (+)= a @ b [+ a2 @ b2] with second = (a2, b2); a, b may be transposed views; c must be
+    rows-contiguous. cuBLAS (fp32 output) takes 16-bit CUDA tiles when the config says so."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
     if cfg.gemm == "cublas" and _cublas_can_take(c, a, b, *(second or ())):
-        return _cublas_matmul_into(c, a, b, tau=tau, second=second, rowsub=rowsub, scale=scale, accumulate=accumulate)
+        if c.dtype == torch.float32:  # cuBLAS adds into the fp32 c itself: no temporary
+            if not accumulate:
+                c.copy_(_mm_fp32(a, b))
+            else:
+                addmm_acc(c, a, b)
+            if second is not None:
+                addmm_acc(c, *second)
+            return c
+        out = _mm_fp32(a, b)
+        if second is not None:
+            addmm_acc(out, *second)
+        return c.add_(out) if accumulate else c.copy_(out)
     a2, b2 = second if second is not None else (a, b)
-    r, e = rowsub if rowsub is not None else (c, c)
     grid = (triton.cdiv(M, cfg.mm_block_m) * triton.cdiv(N, cfg.mm_block_n),)
     _mm_kernel[grid](
-        a, b, a2, b2, r, e, c, tau, M, N, K, float(scale or 1.0),
+        a, b, a2, b2, c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), e.stride(0), c.stride(0),
-        HAS_SECOND=second is not None, ROWSUB=rowsub is not None, SCALE=scale is not None,
-        ACCUMULATE=accumulate,
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), c.stride(0),
+        HAS_SECOND=second is not None, ACCUMULATE=accumulate,
         PREC1=dot_precision(a.dtype, b.dtype), PREC2=dot_precision(a2.dtype, b2.dtype),
-        ACC=tl_acc(tau.dtype),
+        ACC=tl_acc(acc_dtype(c.dtype)),
         BLOCK_M=cfg.mm_block_m, BLOCK_N=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k, GROUP_M=8,
         num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
     )
@@ -307,42 +324,23 @@ def addmm_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return c.add_(mm_acc(a, b, c.dtype))
 
 
-def _cublas_matmul_into(c, a, b, *, tau, second, rowsub, scale, accumulate):
-    """``matmul_into``'s contract on cuBLAS: fp32 products of 16-bit tiles, epilogue as tensor ops
-    (alpha = scale / tau stays on the device: no host sync)."""
-    if accumulate and second is None and scale is None and c.dtype == torch.float32:
-        return addmm_acc(c, a, b)  # cuBLAS adds into c itself: no temporary
-    out = _mm_fp32(a, b)
-    if second is not None or scale is not None:
-        scaled = _mm_fp32(*second) if second is not None else out
-        if rowsub is not None:
-            r, e = rowsub
-            scaled.addcmul_(r[:, None], e, value=-1.0)
-        scaled.mul_(float(scale or 1.0) / tau)
-        if second is not None:
-            out.add_(scaled)
-    if accumulate:
-        c.add_(out)
-    else:
-        c.copy_(out)
-    return c
-
-
-def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
-                p_out=None, counts=None, grad=None, s_chunk=None):
+def stage_chunk(cfg, *, x, codebook, scoring, tau, lse, xoff, v_start, v_stop,
+                p_out=None, counts=None, row_weights=None, grad=None, s_chunk=None):
     """Launch ``_stage_kernel`` over rows x chunk columns [v_start, v_stop).
 
-    grad: None (forward) or a dict with g, values, delta, ds_out, colsum, rowsum, dtau, p_u, log_v,
-    optionally scale_ds (store ds times (2 if l2 else 1) / tau; the sums stay unscaled) (backward), and
-    with s_chunk also dp_chunk. s_chunk: None (scores from the kernel's own dot
-    products) or the chunk's <x, k> products (T, v_stop - v_start) fp32 from cuBLAS (``mm_acc``).
+    scoring: (DIST code, colv (V,) or None, rowv (T,) or None) as ``score_operands`` returns.
+    row_weights: None or (w (V,), out (T,)): out_t += sum_v p_tv w_v.
+    grad: None (forward) or a dict with g, delta, gamma, gn (or None), ds_out, rowsum, ds_u, p_u,
+    colsum (l2), ds_s (cosine), log_v, and with s_chunk also dp_chunk (backward).
+    s_chunk: None (scores from the kernel's own dot products) or the chunk's <x, k> products
+    (T, v_stop - v_start) fp32 from cuBLAS (``mm_acc``).
     """
     T, D = x.shape
     if T == 0 or v_stop <= v_start:
         return
+    dist, colv, rowv = scoring
     dummy = lse
     g = grad or {}
-    values = g.get("values", keys)
     grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(v_stop - v_start, cfg.block_v))
     p_ptr = p_out if p_out is not None else dummy
     ds_ptr = g.get("ds_out", dummy)
@@ -350,22 +348,40 @@ def stage_chunk(cfg, *, x, keys, knorm, tau, lse, xoff, v_start, v_stop, l2,
     from_gemm = s_chunk is not None
     s_ptr = s_chunk if from_gemm else dummy
     dp_ptr = g.get("dp_chunk", dummy) if from_gemm else dummy
-    if from_gemm and grad is not None:
-        assert dp_ptr.stride() == s_ptr.stride(), "the S and dP chunks must share a layout"
+    if from_gemm and grad is not None and dp_ptr.stride() != s_ptr.stride():
+        raise AssertionError("the S and dP chunks must share a layout")
+    w, wsum = row_weights if row_weights is not None else (dummy, dummy)
+    gn = g.get("gn")
+
+    def opt(t):
+        return dummy if t is None else t
+
     _stage_kernel[grid](
-        x, keys, knorm if knorm is not None else dummy, tau, lse, xoff if xoff is not None else dummy,
-        p_ptr, counts if counts is not None else dummy,
-        g_ptr, values, g.get("delta", dummy), ds_ptr,
-        g.get("colsum", dummy), g.get("rowsum", dummy), g.get("dtau", dummy), g.get("p_u", dummy),
+        x, codebook, opt(colv), opt(rowv), tau, lse, opt(xoff),
+        p_ptr, opt(counts), w, wsum,
+        g_ptr, g.get("delta", dummy), g.get("gamma", dummy), opt(gn), ds_ptr,
+        opt(g.get("colsum")), g.get("rowsum", dummy), g.get("ds_u", dummy), g.get("p_u", dummy), opt(g.get("ds_s")),
         s_ptr, dp_ptr,
         T, D, v_start, v_stop, float(g.get("log_v", 0.0)),
-        x.stride(0), keys.stride(0), g_ptr.stride(0), values.stride(0),
+        x.stride(0), codebook.stride(0), g_ptr.stride(0),
         p_ptr.stride(0) if p_out is not None else 0, ds_ptr.stride(0) if grad is not None else 0,
         s_ptr.stride(0) if from_gemm else 0,
-        L2=l2, STORE_P=p_out is not None, COUNTS=counts is not None, BACKWARD=grad is not None,
-        FROM_GEMM=from_gemm, SCALE_DS=bool(g.get("scale_ds", False)),
-        PREC_S=dot_precision(x.dtype, keys.dtype),
-        PREC_DP=dot_precision(g_ptr.dtype, values.dtype), ACC=tl_acc(tau.dtype),
+        DIST=dist, STORE_P=p_out is not None, COUNTS=counts is not None, ROW_WEIGHTED=row_weights is not None,
+        BACKWARD=grad is not None, HAS_GN=gn is not None, FROM_GEMM=from_gemm,
+        PREC_S=dot_precision(x.dtype, codebook.dtype),
+        PREC_DP=dot_precision(g_ptr.dtype, codebook.dtype), ACC=tl_acc(tau.dtype),
         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def score_operands(x, codebook, tau, scoring):
+    """(DIST code, colv, rowv) for the kernels, and xoff = ||x||^2 / tau (l2: true score = a - xoff) or None.
+
+    Computed once per call and identically in forward and backward, so scores are bitwise equal."""
+    dist = DIST_CODES[scoring.distance]
+    if dist == DIST_L2:
+        return (dist, rowdot(codebook), None), rowdot(x) / tau
+    if dist == DIST_COSINE:
+        return (dist, scoring.codebook_inv_norm.contiguous(), scoring.x_inv_norm.contiguous()), None
+    return (dist, None, None), None
