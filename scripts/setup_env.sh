@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh Debian-like machine: espeak-ng (speech synthesis for the ASR demo),
-# a virtual environment in .venv with the pinned stack (torch 2.11.0, torchaudio 2.11.0,
-# triton 3.6.0, numpy<2.3 for the Triton interpreter), and this package in editable mode with its
+# a virtual environment in .venv with the exact stack the test suite runs on (constraints.txt:
+# torch 2.11.0, torchaudio 2.11.0, triton 3.6.0, ...), and this package in editable mode with its
 # test, benchmark and ASR extras. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check --upgrade pip setuptools wheel
-echo "[setup] installing the pinned stack (torch 2.11.0 is a ~4.6 GB CUDA build; it also runs on CPU)"
-$PIP install -q --disable-pip-version-check torch==2.11.0 torchaudio==2.11.0 triton==3.6.0 "numpy<2.3"
+echo "[setup] installing the pinned stack of constraints.txt (torch is a ~4.6 GB CUDA build; it also runs on CPU)"
+$PIP install -q --disable-pip-version-check -c constraints.txt torch torchaudio triton numpy
 # --no-build-isolation: setup.py needs the torch above to decide about (and build) the CUDA extension.
-$PIP install -q --disable-pip-version-check --no-build-isolation -e ".[test,bench,asr]"
+$PIP install -q --disable-pip-version-check -c constraints.txt --no-build-isolation -e ".[test,bench,asr]"
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, softvq_kernels as sk; print("torch", torch.__version__, "| backends here:", sk.available_backends("cpu"))')"

@@ -5,8 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import bench_op
+from softvq_kernels.bench import bench_op
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +40,20 @@ def test_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
         assert row["time_s"] > 0 and row["peak_bytes"] >= 0
     assert rows["eager"]["time_vs_eager"] == 1.0
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_triton_profiler_calls_the_backend_contract():
+    """profile_triton drives the Triton backend directly: its calls must match the backend contract."""
+    pytest.importorskip("triton")
+    from softvq_kernels import backends
+
+    if backends.unavailable_reason("triton", torch.device("cpu")) is not None and not torch.cuda.is_available():
+        pytest.skip("no Triton on this machine")
+    from softvq_kernels.bench import profile_triton
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, c, g = torch.randn(16, 16, device=device), torch.randn(40, 16, device=device), torch.randn(16, 16, device=device)
+    fns = profile_triton.phases(x, c, g, torch.tensor(1.0, device=device))
+    y, lse, _, _ = fns["fwd"]()
+    assert y.shape == x.shape and lse.shape == (16,)
+    assert fns["bwd"]().grad_x_raw.shape == x.shape

@@ -1,7 +1,7 @@
 """Benchmark soft VQ: time and peak memory of naive PyTorch, torch.compile and every backend.
 
-    python -m benchmarks.bench_op                      # CPU default: 4096x32000x256 fp32
-    python -m benchmarks.bench_op --device cuda --dtype bfloat16 \
+    python -m softvq_kernels.bench                     # CPU default: 4096x32000x256 fp32 (or: softvq-bench)
+    python -m softvq_kernels.bench --device cuda --dtype bfloat16 \
         --shapes 4096x32000x256,8192x151936x896 --out benchmarks/results/h200.json --plot h200.png
 
 Each measurement of an implementation x shape x mode reports the median wall time and the peak
@@ -169,8 +169,9 @@ def _run_in_subprocess(impl, shape, dtype_name, mode, reps, distance, what, time
         env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # large blocks go back to the OS when freed
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_op", "--worker", json.dumps(job)],
-            capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+            [sys.executable, "-m", "softvq_kernels.bench.bench_op", "--worker", json.dumps(job)],
+            # cwd: the folder holding this softvq_kernels, so the worker imports this same copy
+            capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).resolve().parents[2],
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU session's one command for the fused backends (Triton, issue 3; CUDA C++, issue 6):
-# install (builds softvq_kernels._cuda, about a minute), GPU tests, Triton tuning, benchmarks.
+# One command for a GPU machine: install (builds softvq_kernels._cuda, about a minute), the GPU tests,
+# Triton tuning and the benchmarks of docs/benchmarks.md.
 #
-#   bash benchmarks/gpu_suite.sh                 # every stage: tests tune small bench big
-#   bash benchmarks/gpu_suite.sh tests           # or any subset, in order (each fits one 10-minute call)
+#   bash scripts/gpu_suite.sh                    # every stage: tests tune small bench big
+#   bash scripts/gpu_suite.sh tests              # or any subset, in order (each fits one 10-minute call)
 #
 # Writes to benchmarks/results/ (and copies to $OUT when set): gpu-tests-<stamp>.log,
 # triton-tuned-<stamp>.json (+ -report.json), h200-bf16-d256-<stamp>.json/.png (4096x32000x256 with
@@ -52,9 +52,9 @@ for stage in $STAGES; do
       tuned="$RESULTS/triton-tuned-$STAMP.json"
       "$PY" - "$tuned" "$SHAPES" <<'EOF' || status=1
 import json, sys
-from softvq_kernels.triton import configs
+from softvq_kernels.triton import tuning
 path, shapes = sys.argv[1], [tuple(int(v) for v in s.split("x")) for s in sys.argv[2].split(",")]
-report = configs.tune_to_file(path, shapes)
+report = tuning.tune_to_file(path, shapes)
 with open(path.replace(".json", "-report.json"), "w") as f:
     json.dump(report, f, indent=1)
 for shape, rows in report.items():
@@ -66,7 +66,7 @@ EOF
     small)  # the d = 256 target is also against torch.compile, which compiles per shape (slow): one shape
       tuned=$(ls -t "$RESULTS"/triton-tuned-*.json 2>/dev/null | grep -v report | head -n 1)
       [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
-      "$PY" -m benchmarks.bench_op --device cuda --dtype bfloat16 --shapes 4096x32000x256 \
+      "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes 4096x32000x256 \
         --impls eager,compile,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
         --out "$RESULTS/h200-bf16-d256-$STAMP.json" --plot "$RESULTS/h200-bf16-d256-$STAMP.png" || status=1
       out "$RESULTS/h200-bf16-d256-$STAMP.json" "$RESULTS/h200-bf16-d256-$STAMP.png"
@@ -74,19 +74,19 @@ EOF
     bench)
       tuned=$(ls -t "$RESULTS"/triton-tuned-*.json 2>/dev/null | grep -v report | head -n 1)
       [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
-      "$PY" -m benchmarks.bench_op --device cuda --dtype bfloat16 --shapes "$SHAPES" \
+      "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes "$SHAPES" \
         --impls eager,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
         --out "$RESULTS/h200-bf16-$STAMP.json" --plot "$RESULTS/h200-bf16-$STAMP.png" || status=1
       out "$RESULTS/h200-bf16-$STAMP.json" "$RESULTS/h200-bf16-$STAMP.png"
       ;;
     big)
-      "$PY" -m benchmarks.bench_op --device cuda --dtype bfloat16 --shapes "$BIG_SHAPE" \
+      "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes "$BIG_SHAPE" \
         --impls eager,chunked,triton,cuda --modes fwd,fwdbwd --reps 5 \
         --out "$RESULTS/h200-bf16-T65536-$STAMP.json" --plot "$RESULTS/h200-bf16-T65536-$STAMP.png" || status=1
       out "$RESULTS/h200-bf16-T65536-$STAMP.json" "$RESULTS/h200-bf16-T65536-$STAMP.png"
       ;;
     *)
-      echo "unknown stage $stage (choose from: tests tune bench big)"; status=2
+      echo "unknown stage $stage (choose from: tests tune small bench big)"; status=2
       ;;
   esac
 done

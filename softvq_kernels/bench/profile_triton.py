@@ -1,28 +1,26 @@
 """Where the Triton backend's time goes on a GPU: per-kernel CUDA time of one forward and one backward
 (torch.profiler), then a sweep of block configs for forward and backward separately.
 
-    python -m benchmarks.profile_triton --shapes 4096x32000x256,8192x128256x2048 --out prof.json
+    python -m softvq_kernels.bench.profile_triton --shapes 4096x32000x256,8192x128256x2048 --out prof.json
 
-A development tool for tuning (the benchmark of record is benchmarks/bench_op.py).
+A development tool for tuning (the benchmark of record is softvq_kernels.bench.bench_op).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 
 import torch
 import triton.testing
 
-from benchmarks.bench_op import parse_shape
-from benchmarks.profile_backend import kernel_times, print_rows
+from softvq_kernels.backends import Scoring
+from softvq_kernels.bench.bench_op import parse_shape
+from softvq_kernels.bench.profile_backend import kernel_times, print_rows
+from softvq_kernels.triton import backward as triton_backward
 from softvq_kernels.triton import configs
-
-# The package binds the backend functions ``forward``/``backward`` over its submodules' names.
-tfwd = importlib.import_module("softvq_kernels.triton.forward")
-tbwd = importlib.import_module("softvq_kernels.triton.backward")
+from softvq_kernels.triton import forward as triton_forward
 
 
 def _problem(T, V, d, dtype):
@@ -34,19 +32,25 @@ def _problem(T, V, d, dtype):
     return x, c, g, tau
 
 
-def kernel_breakdown(T, V, d, dtype, l2=True):
+def phases(x, c, g, tau, distance="l2"):
+    """{"fwd": fn, "bwd": fn}: one Triton forward and one backward (with this forward's y and lse) through
+    the backend contract, l2 or dot (cosine needs inverse norms: use profile_backend for it)."""
+    scoring = Scoring(distance)
+    y, lse, _, _ = triton_forward(x, c, tau, scoring, False)
+    return {"fwd": lambda: triton_forward(x, c, tau, scoring, False),
+            "bwd": lambda: triton_backward(g, x, c, tau, scoring, y, lse, None, None)}
+
+
+def kernel_breakdown(T, V, d, dtype):
     x, c, g, tau = _problem(T, V, d, dtype)
-    y, lse, _, _ = tfwd.forward(x, c, c, tau, l2, False)
-    phases = {"fwd": lambda: tfwd.forward(x, c, c, tau, l2, False),
-              "bwd": lambda: tbwd.backward(g, x, c, c, tau, l2, y, lse)}
     out = {}
-    for phase, fn in phases.items():
+    for phase, fn in phases(x, c, g, tau).items():
         out[phase] = kernel_times(fn)
         print_rows(f"--- {T}x{V}x{d} {phase}: per call", out[phase], top=8)
     return out
 
 
-def sweep(T, V, d, dtype, variants, l2=True):
+def sweep(T, V, d, dtype, variants):
     x, c, g, tau = _problem(T, V, d, dtype)
     base = configs.get_config(V, d, dtype, x.device)
     results = []
@@ -54,9 +58,9 @@ def sweep(T, V, d, dtype, variants, l2=True):
         cfg = dataclasses.replace(base, **fields)
         try:
             with configs.override(cfg):
-                y, lse, _, _ = tfwd.forward(x, c, c, tau, l2, False)
-                fwd = triton.testing.do_bench(lambda: tfwd.forward(x, c, c, tau, l2, False), warmup=5, rep=30)
-                bwd = triton.testing.do_bench(lambda: tbwd.backward(g, x, c, c, tau, l2, y, lse), warmup=5, rep=30)
+                fns = phases(x, c, g, tau)
+                fwd = triton.testing.do_bench(fns["fwd"], warmup=5, rep=30)
+                bwd = triton.testing.do_bench(fns["bwd"], warmup=5, rep=30)
         except Exception as exc:  # out of shared memory / registers: this variant just loses
             fwd = bwd = float("inf")
             print(f"  {fields}: failed {type(exc).__name__}: {str(exc)[:120]}")
@@ -70,7 +74,6 @@ def sweep(T, V, d, dtype, variants, l2=True):
 SMALL_D = [
     {},
     {"gemm": "cublas"},
-    {"fused_bwd_max_d": 256},
     {"block_t": 64, "block_v": 128},
     {"num_stages": 3},
     {"block_k": 32, "num_stages": 3},

@@ -1,6 +1,6 @@
 """Per-kernel CUDA time of one soft_vq forward + backward through the public API, for any backend.
 
-    python -m benchmarks.profile_backend --backend cuda --shapes 4096x32000x256
+    python -m softvq_kernels.bench.profile_backend --backend cuda --shapes 4096x32000x256
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import torch
 
 import softvq_kernels as sk
-from benchmarks.bench_op import parse_shape
+from softvq_kernels.bench.bench_op import parse_shape
 
 
 def kernel_times(fn, calls: int = 3) -> list[tuple[str, int, float]]:
