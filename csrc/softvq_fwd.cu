@@ -6,7 +6,8 @@
 //     contiguous range of 64-row codebook tiles, computes the 64 x 64 score tile
 //     a = (2 X K^T - ||k||^2) / tau (l2) or X K^T / tau (dot) with the k loop over d on tensor cores,
 //     and keeps an online (max, sum exp, first argmax) per frame in registers. The only on-chip state
-//     is one score tile, whatever d is. `splits` is chosen so the grid has about 4 blocks per SM.
+//     is one score tile, whatever d is. `splits` is chosen so the grid has about target_programs
+//     blocks (softvq_kernels.planning.program_target: twice the SM count).
 //  2. lse_merge_kernel merges the splits' partials by log-sum-exp: lse, argmax (ties: lowest index).
 //  3. For each vocabulary chunk [c0, c0 + C) (C from a workspace budget, see bindings.cpp):
 //     probs_chunk_kernel recomputes the score tiles and writes P = exp(s - lse) (final, no rescaling,
@@ -14,7 +15,7 @@
 //     counts; then the tiled GEMM (softvq_gemm.cu) accumulates y += P_chunk V_chunk with its output
 //     tiled over (T, d), so a block again holds only a 64 x 64 fp32 tile.
 // Cost: 6 T V d flops instead of the minimal 4 T V d (scores are computed twice: once for lse, once
-// for P), plus T x C of workspace traffic per chunk. By the math note, above d of about 200 the staged
+// for P), plus T x C of workspace traffic per chunk. By docs/math.md (Cost), above d of about 200 the staged
 // probability tile is cheap next to the matrix work, and the second score pass also gives exact
 // soft counts, which a one-pass FlashAttention-style kernel would need an extra pass for anyway.
 // A one-pass register-accumulator kernel for small d (<= 256) is a possible later specialisation.

@@ -6,8 +6,9 @@
 #   bash scripts/gpu_suite.sh tests              # or any subset, in order (each fits one 10-minute call)
 #
 # Writes to benchmarks/results/ (and copies to $OUT when set): gpu-tests-<stamp>.log,
-# triton-tuned-<stamp>.json (+ -report.json), h200-bf16-d256-<stamp>.json/.png (4096x32000x256 with
-# torch.compile), h200-bf16-<stamp>.json/.png (the four reference shapes), h200-bf16-T65536-<stamp>.json/.png.
+# triton-tuned-<stamp>.json (+ -report.json), <gpu>-bf16-d256-<stamp>.json/.png (4096x32000x256 with
+# torch.compile), <gpu>-bf16-<stamp>.json/.png (the four reference shapes), <gpu>-bf16-T65536-<stamp>.json/.png,
+# where <gpu> is $GPU_TAG or the model in the device name, lower case (h200, h100, a100, ...).
 # The bench stages use the newest tuned file from the tune stage (SOFTVQ_TRITON_CONFIGS) when there is one.
 # REPS (default 10) sets the timed repetitions; TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 shorten the build.
 set -uo pipefail
@@ -22,6 +23,8 @@ SHAPES=4096x32000x256,8192x151936x896,8192x128256x2048,4096x128256x4096
 BIG_SHAPE=65536x128256x256   # eager needs several 65536 x 128256 fp32/bf16 matrices (>= 17 GB each)
 mkdir -p "$RESULTS"
 status=0
+GPU=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -E '[A-Z]+[0-9]+' | head -n 1 | tr 'A-Z' 'a-z')}
+GPU=${GPU:-gpu}
 
 out() {  # copy results to the device tool's $OUT folder when there is one
   [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ 2>/dev/null
@@ -68,22 +71,22 @@ EOF
       [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
       "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes 4096x32000x256 \
         --impls eager,compile,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
-        --out "$RESULTS/h200-bf16-d256-$STAMP.json" --plot "$RESULTS/h200-bf16-d256-$STAMP.png" || status=1
-      out "$RESULTS/h200-bf16-d256-$STAMP.json" "$RESULTS/h200-bf16-d256-$STAMP.png"
+        --out "$RESULTS/$GPU-bf16-d256-$STAMP.json" --plot "$RESULTS/$GPU-bf16-d256-$STAMP.png" || status=1
+      out "$RESULTS/$GPU-bf16-d256-$STAMP.json" "$RESULTS/$GPU-bf16-d256-$STAMP.png"
       ;;
     bench)
       tuned=$(ls -t "$RESULTS"/triton-tuned-*.json 2>/dev/null | grep -v report | head -n 1)
       [ -n "$tuned" ] && export SOFTVQ_TRITON_CONFIGS="$PWD/$tuned" && echo "using tuned configs $tuned"
       "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes "$SHAPES" \
         --impls eager,chunked,triton,cuda --modes fwd,fwdbwd --reps "$REPS" \
-        --out "$RESULTS/h200-bf16-$STAMP.json" --plot "$RESULTS/h200-bf16-$STAMP.png" || status=1
-      out "$RESULTS/h200-bf16-$STAMP.json" "$RESULTS/h200-bf16-$STAMP.png"
+        --out "$RESULTS/$GPU-bf16-$STAMP.json" --plot "$RESULTS/$GPU-bf16-$STAMP.png" || status=1
+      out "$RESULTS/$GPU-bf16-$STAMP.json" "$RESULTS/$GPU-bf16-$STAMP.png"
       ;;
     big)
       "$PY" -m softvq_kernels.bench --device cuda --dtype bfloat16 --shapes "$BIG_SHAPE" \
         --impls eager,chunked,triton,cuda --modes fwd,fwdbwd --reps 5 \
-        --out "$RESULTS/h200-bf16-T65536-$STAMP.json" --plot "$RESULTS/h200-bf16-T65536-$STAMP.png" || status=1
-      out "$RESULTS/h200-bf16-T65536-$STAMP.json" "$RESULTS/h200-bf16-T65536-$STAMP.png"
+        --out "$RESULTS/$GPU-bf16-T65536-$STAMP.json" --plot "$RESULTS/$GPU-bf16-T65536-$STAMP.png" || status=1
+      out "$RESULTS/$GPU-bf16-T65536-$STAMP.json" "$RESULTS/$GPU-bf16-T65536-$STAMP.png"
       ;;
     *)
       echo "unknown stage $stage (choose from: tests tune small bench big)"; status=2

@@ -102,8 +102,8 @@ register_backend(BackendSpec("cuda", "softvq_kernels.cuda", ("cuda",),
                              (torch.float32, torch.float16, torch.bfloat16),
                              summary="CUDA C++ kernels (csrc/)"))
 
-# Backends in the order "auto" tries them, per device type. On an H200 (benchmarks/results/h200-*)
-# triton ran forward + backward 7-8x faster than chunked and 3-6x faster than cuda.
+# Backends in the order "auto" tries them, per device type: on CUDA triton is the fastest at every
+# reference shape (docs/benchmarks.md), chunked the fallback when triton cannot run.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("chunked",),
     "cuda": ("triton", "chunked"),

@@ -14,7 +14,7 @@ Modes: "soft" (quantized = sum_v p_tv c_v, differentiable in x, codebook and tem
 
 Codebook updates: by gradient (``learnable_codebook=True``), by exponential moving averages of the
 code counts and sums (``ema_decay`` set; Laplace smoothing; statistics all-reduced under
-torch.distributed), or frozen (``learnable_codebook=False``). Formulas: ../shared/softvq-math.md.
+torch.distributed), or frozen (``learnable_codebook=False``). Formulas: docs/math.md.
 """
 
 from __future__ import annotations
