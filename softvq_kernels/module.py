@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softvq_kernels import backends
-from softvq_kernels.api import DISTANCES, quantize
+from softvq_kernels.api import DISTANCES, lse_argmax, quantize
 from softvq_kernels.op import snapshot
 
 MODES = ("soft", "hard", "none")
@@ -58,11 +58,13 @@ class SoftVQOutput(NamedTuple):
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of (a - b)^2 over the real frames' elements, in fp32 (0 when every frame is masked)."""
-    per_frame = (a.float() - b.float()).pow(2).mean(dim=-1)
+    diff = a.float() - b.float()
     if mask is None:
-        return per_frame.sum() / max(per_frame.numel(), 1)
-    # select, not multiply: a NaN in a masked frame must not reach the loss (NaN * 0 = NaN)
-    return torch.where(mask, per_frame, 0.0).sum() / mask.sum().clamp_min(1)
+        return diff.pow(2).mean(dim=-1).sum() / max(diff[..., 0].numel(), 1)
+    # Select before squaring, not multiply after: a NaN in a masked frame must reach neither the loss
+    # (NaN * 0 = NaN) nor the gradient (the square's backward would meet 0 * NaN).
+    diff = torch.where(mask[..., None], diff, 0.0)
+    return diff.pow(2).mean(dim=-1).sum() / mask.sum().clamp_min(1)
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -71,14 +73,15 @@ def _perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(q, q).sum())
 
 
-def _all_reduce_sum_(*tensors: torch.Tensor) -> None:
-    """Sum tensors in place over the default process group, in one collective, when one is initialised."""
+def _all_reduce_sum_(*tensors: torch.Tensor, group=None) -> None:
+    """Sum tensors in place over ``group`` (default: the default process group), in one collective, when
+    torch.distributed is initialised."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    if torch.distributed.get_world_size() == 1:
+    if torch.distributed.get_world_size(group) == 1:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
+    torch.distributed.all_reduce(flat, group=group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -145,6 +148,14 @@ class SoftVQ(nn.Module):
         dead_code_threshold: a code whose EMA count is below this is counted dead (monitoring).
         usage_decay: decay of the EMA code counts kept for monitoring when ``ema_decay`` is None.
         eps: Laplace smoothing constant of the EMA update.
+        process_group: None, or the torch.distributed group over which the codebook is sharded by rows
+            (vocabulary parallelism, ``softvq_kernels.distributed``): ``codebook`` is then this rank's
+            contiguous block, inputs are the same on every rank, indices are global and ``code_counts``,
+            ``ema_counts`` and ``ema_sums`` are this rank's shard (perplexity, dead codes and the EMA
+            smoothing use the whole vocabulary). The shard offset is found once, at the first call.
+        data_parallel_group: with process_group, the group over which batch statistics are summed for
+            the EMA (the data-parallel replicas of this shard); None = not summed. Without process_group
+            statistics are summed over the default group, as for DDP.
 
     Buffers (all in the state_dict): ``log_temperature`` (a Parameter when learnable), ``codebook``
     (a buffer when frozen or EMA-updated), ``ema_counts`` (V,), ``ema_sums`` (V, d) (EMA only),
@@ -166,8 +177,18 @@ class SoftVQ(nn.Module):
         dead_code_threshold: float = 1e-3,
         usage_decay: float = 0.99,
         eps: float = 1e-5,
+        process_group=None,
+        data_parallel_group=None,
     ):
         super().__init__()
+        if process_group is not None:
+            from softvq_kernels import distributed
+
+            distributed.check_process_group(process_group)
+        elif data_parallel_group is not None:
+            raise ValueError("data_parallel_group is only meaningful with process_group=")
+        self.process_group, self.data_parallel_group = process_group, data_parallel_group
+        self._shard_layout = None  # (offset, total codes) of a sharded codebook, found at the first call
         if not isinstance(codebook, torch.Tensor):
             raise TypeError(f"codebook must be a torch.Tensor (V, d), got {type(codebook).__name__}")
         if not codebook.is_floating_point():
@@ -300,57 +321,96 @@ class SoftVQ(nn.Module):
                 codebook = snapshot(codebook)
             y, _, indices, counts, sums = quantize(
                 x, codebook, self.temperature, self.distance, mask, self.backend, True, update,
-                tau_checked_on_device=True,
+                tau_checked_on_device=True, **self._sharding(x.device),
             )
             loss = self.commitment_weight * _masked_mse(x, y.detach(), mask)
             quantized = y
-        else:
+        elif self.process_group is not None:  # the global nearest code of a sharded codebook
             _, _, indices, _, _ = quantize(
                 x.detach(), codebook.detach(), self.temperature.detach(), self.distance, mask, self.backend,
-                False, False, tau_checked_on_device=True,
+                False, False, tau_checked_on_device=True, **self._sharding(x.device),
             )
+        else:
+            _, indices = lse_argmax(  # the nearest codes only: no weighted sum is formed
+                x.detach(), codebook.detach(), self.temperature.detach(), self.distance, mask, self.backend,
+                tau_checked_on_device=True,
+            )
+        if self.mode == "hard":
             real = indices >= 0
-            codes = F.embedding(indices.clamp_min(0), codebook)  # (..., d)
+            local = indices if self.process_group is None else indices - self._shard_layout[0]
+            owned = (local >= 0) & (local < V)  # this rank's codes (every real frame when not sharded)
+            codes = F.embedding(local.clamp(0, V - 1), codebook)  # (..., d)
+            if self.process_group is not None:  # each code row comes from the rank holding it
+                from softvq_kernels.distributed import sum_over_group
+
+                codes = sum_over_group(torch.where(owned[..., None], codes, 0.0), self.process_group)
             loss = self.commitment_weight * _masked_mse(x, codes.detach(), mask)
             if self.codebook_update == "gradient":
                 loss = loss + _masked_mse(x.detach(), codes, mask)
             quantized = x + (codes.to(x.dtype) - x).detach()
-            flat_idx = indices.reshape(-1)
+            flat_idx = local.clamp(0, V - 1).reshape(-1)
+            counted = (real & owned).reshape(-1)
             counts = torch.zeros(V, dtype=torch.float32, device=x.device)
-            counts.index_add_(0, flat_idx.clamp_min(0), real.reshape(-1).float())
+            counts.index_add_(0, flat_idx, counted.float())
             sums = None
             if update:
-                frames = torch.where(real[..., None], x.detach().float(), 0.0).reshape(-1, x.shape[-1])
+                frames = torch.where((real & owned)[..., None], x.detach().float(), 0.0).reshape(-1, x.shape[-1])
                 sums = torch.zeros(V, x.shape[-1], dtype=torch.float32, device=x.device)
-                sums.index_add_(0, flat_idx.clamp_min(0), frames)
+                sums.index_add_(0, flat_idx, frames)
         if mask is not None:
             quantized = torch.where(mask[..., None], quantized, x.to(quantized.dtype))
         if self.training:
             counts = self._update_statistics(counts, sums if update else None)
-        perplexity = _perplexity(counts)
+        perplexity = _perplexity(counts) if self.process_group is None else self._sharded_perplexity(counts)
         if self.training:
             with torch.no_grad():
                 self.perplexity.copy_(perplexity)
         return SoftVQOutput(quantized, indices, loss, perplexity, self._dead_code_count(), counts)
 
+    def _sharding(self, device) -> dict:
+        """quantize's keyword arguments for a sharded codebook (the offset is found once, then cached)."""
+        if self.process_group is None:
+            return {}
+        if self._shard_layout is None:
+            from softvq_kernels.distributed import shard_layout
+
+            self._shard_layout = shard_layout(self.codebook_size, self.process_group, device)
+        return dict(process_group=self.process_group, shard_offset=self._shard_layout[0])
+
+    def _sharded_perplexity(self, counts: torch.Tensor) -> torch.Tensor:
+        """Perplexity of the whole vocabulary's counts from this rank's shard: exp(log N - sum n log n / N)
+        with N and sum n log n summed over the group (differentiable, as for an unsharded codebook)."""
+        from softvq_kernels.distributed import sum_over_group
+
+        sums = sum_over_group(torch.stack([counts.sum(), torch.special.xlogy(counts, counts).sum()]), self.process_group)
+        total = sums[0].clamp_min(torch.finfo(counts.dtype).tiny)
+        return torch.exp(total.log() - sums[1] / total)
+
     def _dead_code_count(self) -> torch.Tensor:
-        return (self.ema_counts < self.dead_code_threshold).sum()
+        dead = (self.ema_counts < self.dead_code_threshold).sum()
+        if self.process_group is not None:  # codes below the threshold in the whole vocabulary
+            torch.distributed.all_reduce(dead, group=self.process_group)
+        return dead
 
     @torch.no_grad()
     def _update_statistics(self, counts: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
         """Sync the batch statistics over processes, update the EMA buffers (and the EMA codebook)."""
         counts = counts.detach().to(torch.float32, copy=True)
-        if sums is None:
-            _all_reduce_sum_(counts)
-        else:
-            sums = sums.detach().clone()
-            _all_reduce_sum_(counts, sums)
+        sums = None if sums is None else sums.detach().clone()
+        to_sum = (counts,) if sums is None else (counts, sums)
+        if self.process_group is None:
+            _all_reduce_sum_(*to_sum)
+        elif self.data_parallel_group is not None:  # replicas of this shard saw other frames
+            _all_reduce_sum_(*to_sum, group=self.data_parallel_group)
         decay = self.ema_decay if self.ema_decay is not None else self.usage_decay
         self.ema_counts.mul_(decay).add_(counts, alpha=1 - decay)
         if sums is not None:
             self.ema_sums.mul_(decay).add_(sums, alpha=1 - decay)
-            total = self.ema_counts.sum()
-            smoothed = (self.ema_counts + self.eps) / (total + self.codebook_size * self.eps) * total
+            total, codes = self.ema_counts.sum(), self.codebook_size
+            if self.process_group is not None:  # the smoothing is over the whole vocabulary
+                torch.distributed.all_reduce(total, group=self.process_group)
+                codes = self._shard_layout[1]
+            smoothed = (self.ema_counts + self.eps) / (total + codes * self.eps) * total
             self.codebook.copy_(self.ema_sums / smoothed[:, None])
         self.dead_codes.copy_(self._dead_code_count())
         return counts

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -118,3 +120,82 @@ def test_auto_prefers_triton_on_cuda_tensors():
         assert backends.resolve_backend("auto", torch.device("cuda")) == "triton"
     else:  # no GPU here: the order itself is what "auto" walks on one
         assert backends.AUTO_ORDER["cuda"][0] == "triton"
+
+
+# ------------------------------------------------------------------------- silent-wrong regressions
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-38])
+@pytest.mark.parametrize("distance", ["l2", "dot", "cosine"])
+def test_temperature_below_the_fp32_normal_range_is_refused(temperature, distance):
+    """Below the smallest normal fp32 every score overflows (inf - inf = NaN): no finite answer exists."""
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        sk.soft_vq(X, CODEBOOK, temperature, distance=distance)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        sk.soft_vq(X, CODEBOOK, torch.tensor(temperature), distance=distance)
+
+
+def test_smallest_accepted_temperature_gives_finite_answers():
+    y, aux = sk.soft_vq(X, CODEBOOK, 1e-30, return_aux=True)
+    assert torch.isfinite(y).all() and torch.isfinite(aux.lse).all()
+
+
+def test_compiled_call_checks_a_tensor_temperature():
+    fn = torch.compile(lambda x, c, t: sk.soft_vq(x, c, t), fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(fn(X, CODEBOOK, torch.tensor(0.5))).all()
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        fn(X, CODEBOOK, torch.tensor(-1.0))
+
+
+@pytest.mark.parametrize("make", [lambda: np.float32(0.5), lambda: np.float64(0.5), lambda: np.int64(2)])
+def test_numpy_scalar_temperatures(make):
+    torch.testing.assert_close(sk.soft_vq(X, CODEBOOK, make()), sk.soft_vq(X, CODEBOOK, float(make())))
+
+
+def test_meta_and_foreign_device_temperatures_name_the_devices():
+    with pytest.raises(ValueError, match="temperature is on meta but x is on cpu"):
+        sk.soft_vq(X, CODEBOOK, torch.tensor(0.5, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_temperature_with_cpu_inputs_names_the_devices():
+    with pytest.raises(ValueError, match="temperature is on cuda"):
+        sk.soft_vq(X, CODEBOOK, torch.tensor(0.5, device="cuda"))
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None])
+def test_return_aux_must_be_a_bool(flag):
+    with pytest.raises(TypeError, match="return_aux must be a bool"):
+        sk.soft_vq(X, CODEBOOK, return_aux=flag)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_forward_mode_ad_is_refused_by_name(backend):
+    x = torch.randn(5, 6)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: sk.soft_vq(x, CODEBOOK, 0.5, backend=backend), (x,), (torch.ones_like(x),))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        sk.soft_vq(fwAD.make_dual(x, torch.ones_like(x)), CODEBOOK, 0.5, backend=backend)
+
+
+def test_forward_mode_ad_works_on_the_reference():
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    c = CODEBOOK.double()
+    _, tangent = torch.func.jvp(lambda x: sk.soft_vq(x, c, 0.5, backend="reference"), (x,), (t,))
+    jac = torch.autograd.functional.jacobian(lambda x: sk.soft_vq(x, c, 0.5, backend="reference"), x)
+    torch.testing.assert_close(tangent, torch.einsum("tdse,se->td", jac, t))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_double_backward_is_refused_by_name(backend):
+    x = torch.randn(5, 6, requires_grad=True)
+    (grad,) = torch.autograd.grad(sk.soft_vq(x, CODEBOOK, 0.5, backend=backend).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="do not support double backward.*backend='reference'"):
+        grad.sum().backward()
+
+
+def test_double_backward_works_on_the_reference():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: sk.soft_vq(x, CODEBOOK.double(), 0.5, backend="reference"), (x,))

@@ -184,3 +184,48 @@ def test_gradcheck_fp64_with_mask_and_learnable_temperature(backend, distance):
         return sk.soft_vq(x, codebook, temperature, distance=distance, mask=mask, backend=backend)
 
     assert torch.autograd.gradcheck(op, (x, codebook, temperature))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *BACKEND_PARAMS])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_nan_and_inf_in_masked_frames_touch_nothing(backend, distance):
+    x, codebook, temperature, mask = random_problem((3, 7), 23, 10, torch.float32, DEVICE, masked=True)
+    with torch.no_grad():
+        x[~mask] = float("nan")
+        x[~mask][..., 0] = -float("inf")
+    upstream = torch.randn(3, 7, 10, device=DEVICE)
+    extra = dict(upstream_lse=torch.randn(3, 7, device=DEVICE), upstream_counts=torch.randn(23, device=DEVICE))
+    y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend=backend,
+                                   upstream=upstream, **extra)
+    for t in (y, aux.lse, aux.code_counts, *grads):
+        assert torch.isfinite(t).all()
+    assert (y[~mask] == 0).all() and (aux.lse[~mask] == 0).all() and (grads[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *BACKEND_PARAMS])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_ties_go_to_the_first_index(backend, distance):
+    """Duplicate codebook rows (spread over vocabulary tiles, splits and chunks): the lowest index wins,
+    as torch.argmax's rule on the reference."""
+    base = torch.randn(5, 16, device=DEVICE)
+    codebook = base.repeat(40, 1)  # row v duplicates rows v + 5, v + 10, ...
+    x = torch.randn(33, 16, device=DEVICE)
+    _, aux = sk.soft_vq(x, codebook, 0.7, distance=distance, backend=backend, return_aux=True)
+    assert (aux.indices < 5).all(), aux.indices
+    _, aux_ref = sk.soft_vq(x, codebook, 0.7, distance=distance, backend="reference", return_aux=True)
+    assert torch.equal(aux.indices, aux_ref.indices)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_half_precision_cosine_scores_are_not_rounded_to_16_bits(backend):
+    """Cosine in fp16 at tau = 0.01: the scores must come from raw 16-bit rows scaled by fp32 inverse norms,
+    not from normalised rows rounded to fp16 (which made the lse error ~1000x the reference backend's)."""
+    x = torch.randn(64, 48, device=DEVICE).half()
+    codebook = torch.randn(300, 48, device=DEVICE).half() * 3
+    _, aux = sk.soft_vq(x, codebook, 0.01, distance="cosine", backend=backend, return_aux=True)
+    _, aux_half_ref = sk.soft_vq(x, codebook, 0.01, distance="cosine", backend="reference", return_aux=True)
+    _, aux_exact = sk.soft_vq(x.double(), codebook.double(), 0.01, distance="cosine", backend="reference",
+                              return_aux=True)
+    err = (aux.lse.double() - aux_exact.lse).abs().max().item()
+    err_ref = (aux_half_ref.lse.double() - aux_exact.lse).abs().max().item()
+    assert err <= 10 * err_ref + 1e-5, f"lse error {err:.2e} vs the reference backend's {err_ref:.2e}"

@@ -373,3 +373,61 @@ def test_cuda_compile_fullgraph_under_autocast_matches_eager(mode):
     torch.testing.assert_close(q_c, q_e, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g_c, g_e, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(compiled_module.codebook.grad, eager.codebook.grad, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------- silent-wrong regressions
+
+
+def test_compiled_ema_backward_uses_the_codebook_the_forward_used():
+    """Inductor's partitioner may recompute a copy of the codebook in the backward from the buffer that the
+    EMA update has already rewritten in place: x's gradient was off by ~300x. softvq::snapshot prevents it."""
+    grads = []
+    for compiled in (False, True):
+        codebook, x, mask = _data()
+        vq = SoftVQ(codebook, 0.5, ema_decay=0.9).train()
+        model = torch.compile(vq, fullgraph=True) if compiled else vq
+        xi = x.clone().requires_grad_()
+        out = model(xi, mask=mask)
+        (out.quantized * torch.arange(D, dtype=torch.float32)).sum().backward()
+        grads.append(xi.grad)
+        assert not torch.equal(vq.codebook, codebook)  # the EMA update did happen
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "none"])
+@pytest.mark.parametrize("update", ["gradient", "ema"])
+def test_nan_in_masked_frames_touches_nothing(backend, mode, update):
+    codebook, x, mask = _data()
+    x = x.clone()
+    x[~mask] = float("nan")
+    x[0, 2, 0] = -float("inf")
+    vq = SoftVQ(codebook, 0.5, mode=mode, backend=backend, ema_decay=0.9 if update == "ema" else None).train()
+    xi = x.clone().requires_grad_()
+    out = vq(xi, mask=mask)
+    (out.quantized[mask].square().sum() + out.loss).backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(out.perplexity)
+    assert torch.isfinite(out.code_counts).all() and torch.isfinite(vq.ema_counts).all()
+    assert torch.isfinite(xi.grad[mask]).all() and (xi.grad[~mask] == 0).all()
+    assert torch.isfinite(vq.codebook).all()
+    if update == "gradient" and mode != "none":
+        assert torch.isfinite(vq.codebook.grad).all()
+    assert torch.equal(out.quantized[~mask].isnan(), x[~mask].isnan())  # masked frames pass through
+
+
+@pytest.mark.parametrize("value", [1e-45, 1e-39, 0.0, -1.0, math.inf, math.nan])
+def test_temperature_that_cannot_give_a_finite_answer_is_refused(value):
+    codebook, _, _ = _data()
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        SoftVQ(codebook, value)
+    vq = SoftVQ(codebook, 0.5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        vq.temperature = value
+
+
+def test_numpy_temperatures_are_numbers():
+    np = pytest.importorskip("numpy")
+    codebook, _, _ = _data()
+    vq = SoftVQ(codebook, np.float32(0.5))
+    vq.temperature = np.float64(0.25)
+    assert math.isclose(float(vq.temperature), 0.25, rel_tol=1e-6)

@@ -102,3 +102,40 @@ def test_autocast_casts_inputs_and_accumulates_in_fp32(backend, dtype):
     eager_low = soft_vq(x.detach().to(dtype), codebook.detach().to(dtype), 0.5, mask=mask, backend=backend)
     torch.testing.assert_close(y, eager_low)
     torch.testing.assert_close(y.double(), exact, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["transposed_codebook", "permuted_x", "both"])
+def test_compiled_op_accepts_any_strides(layout):
+    """The fake backward must promise what the real one returns (contiguous gradients) for strided inputs,
+    e.g. a codebook that is W.T of a (d, V) weight or a permuted activation."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 30, generator=g, requires_grad=True)  # (d, V): codebook = weight.T
+    dense = torch.randn(30, 6, generator=g, requires_grad=True)
+    x_src = torch.randn(6, 2, 5, generator=g, requires_grad=True)  # (d, b, n): x = permute -> (b, n, d)
+
+    def run(fn):
+        codebook = weight.T if layout != "permuted_x" else dense
+        x = x_src.permute(1, 2, 0) if layout != "transposed_codebook" else x_src.permute(1, 2, 0).contiguous()
+        y, aux = fn(x, codebook)
+        loss = y.square().sum() + aux.lse.sum() + aux.code_counts.square().sum()
+        return torch.autograd.grad(loss, (x_src, weight if layout != "permuted_x" else dense))
+
+    eager = run(lambda x, c: soft_vq(x, c, 0.5, backend="chunked", return_aux=True))
+    compiled_fn = torch.compile(lambda x, c: soft_vq(x, c, 0.5, backend="chunked", return_aux=True),
+                                fullgraph=True, backend="aot_eager")
+    compiled = run(compiled_fn)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_unused_aux_outputs_cost_no_counts_pass(monkeypatch):
+    """A loss on y alone must not trigger the counts-gradient pass (no materialised zero gradients)."""
+    calls = []
+    real = chunked.expected_counts_gradient
+    monkeypatch.setattr(chunked, "expected_counts_gradient", lambda *a: calls.append(1) or real(*a))
+    x, codebook, tau, _ = _inputs(dtype=torch.float32)
+    y, aux = soft_vq(x, codebook, tau, backend="chunked", return_aux=True)
+    y.sum().backward(retain_graph=True)
+    assert calls == []
+    torch.autograd.grad(aux.code_counts.square().sum(), x)
+    assert calls == [1]

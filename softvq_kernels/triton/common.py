@@ -9,6 +9,8 @@ p = exp((a - x_offset) - lse) is exactly 1 at the argmax when the softmax is one
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -50,10 +52,22 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(0) >= 0 else t.contiguous()
 
 
+# Triton's CPU interpreter runs tl.dot as a numpy matmul, whose rounding depends on the output column
+# (SIMD edge handling): identical codebook rows then get scores one ulp apart and the argmax's tie rule
+# (lowest index) breaks. Under the interpreter ``mma`` therefore sums products column by column in the
+# same order for every column, as the GPU's MMA units do.
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @triton.jit
 def mma(a, b, acc, PREC: tl.constexpr):
     """acc + a @ b at the precision chosen by ``dot_precision``."""
-    if PREC == 2:
+    if INTERPRETED:
+        if PREC == 2:
+            out = acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], 1)
+        else:
+            out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+    elif PREC == 2:
         out = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, out_dtype=tl.float64)
     elif PREC == 1:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
