@@ -1,6 +1,6 @@
 """The shared correctness suite: every fused backend against the fp64 reference.
 
-A new backend is one entry in FUSED_BACKENDS. Backends that cannot run on this machine's device are
+A new backend is tested here as soon as it is registered in softvq_kernels.backends. Backends that cannot run on this machine's device are
 skipped with the registry's reason (the CUDA backend without a GPU); Triton runs in its CPU
 interpreter when there is no GPU (tests/conftest.py).
 """
@@ -21,7 +21,8 @@ from tests.helpers import (
     run_with_grads,
 )
 
-FUSED_BACKENDS = ["chunked", "triton", "cuda"]
+# Every registered backend but the spec itself: registering a backend (softvq_kernels.backends) adds it here.
+FUSED_BACKENDS = [name for name in backends.REGISTRY if name != "reference"]
 DISTANCES = ["l2", "cosine", "dot"]
 
 
@@ -180,8 +181,9 @@ def test_gradcheck_fp64_with_mask_and_learnable_temperature(backend, distance):
     temperature = torch.tensor(0.8, dtype=torch.float64, device=DEVICE, requires_grad=True)
     mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
 
-    def op(x, codebook, temperature):
-        return sk.soft_vq(x, codebook, temperature, distance=distance, mask=mask, backend=backend)
+    def op(x, codebook, temperature):  # every differentiable output at once
+        y, aux = sk.soft_vq(x, codebook, temperature, distance=distance, mask=mask, backend=backend, return_aux=True)
+        return y, aux.lse, aux.code_counts
 
     assert torch.autograd.gradcheck(op, (x, codebook, temperature))
 
