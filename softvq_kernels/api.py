@@ -182,6 +182,10 @@ def quantize(x, codebook, temperature, distance, mask, backend, need_counts, nee
         raise TypeError(f"return_aux must be a bool, got {type(need_counts).__name__}")
     tau = _temperature_tensor(temperature, x, checked_on_device=tau_checked_on_device)
     name = _resolve_backend(backend, x.device)
+    if x.dtype not in backends.REGISTRY[name].dtypes:
+        raise TypeError(
+            f"backend={name!r} takes {[str(t) for t in backends.REGISTRY[name].dtypes]} inputs, got {x.dtype}"
+        )
     if name != "reference":
         _refuse_forward_ad(name, x, codebook, tau)
     d = x.shape[-1]

@@ -1,5 +1,6 @@
 """The public contract of soft_vq: argument checks, dispatch, output types."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -199,3 +200,19 @@ def test_double_backward_is_refused_by_name(backend):
 def test_double_backward_works_on_the_reference():
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: sk.soft_vq(x, CODEBOOK.double(), 0.5, backend="reference"), (x,))
+
+
+def test_a_dtype_the_backend_does_not_take_is_named(monkeypatch):
+    spec = backends.REGISTRY["chunked"]
+    monkeypatch.setitem(backends.REGISTRY, "chunked", dataclasses.replace(spec, dtypes=(torch.float32,)))
+    with pytest.raises(TypeError, match="backend='chunked' takes .*float32.* got torch.float64"):
+        sk.soft_vq(X.double(), CODEBOOK.double(), backend="chunked")
+
+
+def test_registering_a_backend_checks_the_spec():
+    with pytest.raises(ValueError, match="already registered"):
+        backends.register_backend(backends.BackendSpec("chunked", "softvq_kernels.chunked", ("cpu",)))
+    with pytest.raises(TypeError, match="BackendSpec"):
+        backends.register_backend({"name": "mine"})
+    with pytest.raises(ValueError, match="at least one device"):
+        backends.register_backend(backends.BackendSpec("mine", "softvq_kernels.chunked", ()))

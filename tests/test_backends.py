@@ -35,7 +35,7 @@ BACKEND_PARAMS = [_backend_param(name) for name in FUSED_BACKENDS]
 
 
 def _dtypes_for(backend):
-    supported = getattr(backends.load_backend(backend), "SUPPORTED_DTYPES", None)
+    supported = backends.REGISTRY[backend].dtypes
     dtypes = [torch.float32, torch.float16]
     if DEVICE.type == "cuda" or backend == "chunked":
         dtypes.append(torch.bfloat16)  # the Triton interpreter's bf16 dot is wrong; GPUs test it
@@ -165,7 +165,7 @@ def _fp64_backend_params():
         (name,) = p.values
         supported = None
         if backends.unavailable_reason(name, DEVICE) is None:
-            supported = getattr(backends.load_backend(name), "SUPPORTED_DTYPES", None)
+            supported = backends.REGISTRY[name].dtypes
         marks = list(p.marks)
         if supported is not None and torch.float64 not in supported:
             marks.append(pytest.mark.skip(reason=f"{name} does not take float64 (low-precision kernels)"))

@@ -16,7 +16,6 @@ from softvq_kernels.backends import BackwardPieces
 from softvq_kernels.cuda import _build
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA (WMMA) needs sm_80
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
