@@ -205,6 +205,22 @@ def add_lora(model: nn.Module, r: int, alpha: float) -> int:
     return n
 
 
+class _Aux(dict):
+    """embed_audio's side outputs. ``aux["token_logits"]`` (b, n, V), the full score matrix of the token CTC's
+    distribution, is formed only when read (inspection, tests): training reads token_lse and token_ids."""
+
+    def __init__(self, model, **items):
+        super().__init__(**items)
+        self._model = model
+
+    def __missing__(self, key):
+        if key != "token_logits" or "token_frames" not in self:
+            raise KeyError(key)
+        with torch.autocast(self["token_frames"].device.type, enabled=False):
+            self[key] = self._model.vq_scores(self["token_frames"])
+        return self[key]
+
+
 def lengths_to_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=lengths.device)[None] < lengths[:, None]
 
@@ -304,13 +320,13 @@ class LLMASR(nn.Module):
         enc, elen = self.encode(wav, wav_lens)
         proj, plen = self.projector(enc, elen)
         proj = proj * (self.target_norm / proj.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(proj.dtype)
-        aux = {"enc": enc, "enc_lens": elen}
+        aux = _Aux(self, enc=enc, enc_lens=elen)
         if self.vq is not None:
             mask = lengths_to_mask(plen, proj.shape[1])
             with torch.autocast(proj.device.type, enabled=False):
                 out = self.vq(proj.float(), mask=mask)
                 if self.token_scores:
-                    aux["token_logits"] = self.vq_scores(proj.float())
+                    aux.update(self.token_distribution(proj.float(), mask))
             if self.cfg.vq != "none":
                 aux["vq_loss"] = out.loss
                 aux["perplexity"] = out.perplexity
@@ -319,7 +335,7 @@ class LLMASR(nn.Module):
                 proj = proj.detach()
         aux["proj_lens"] = plen
         if self.cfg.compress:
-            proj, plen = ctc_compress(proj, plen, aux["token_logits"].argmax(-1), self.blank_id)
+            proj, plen = ctc_compress(proj, plen, aux["token_ids"], self.blank_id)
         return proj, plen, aux
 
     def encode(self, wav: torch.Tensor, wav_lens: torch.Tensor):
@@ -331,8 +347,22 @@ class LLMASR(nn.Module):
             feats = self.specaug(feats)
         return self.encoder(feats, flen)
 
+    def token_distribution(self, x: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The VQ's distribution over codes without a (b, n, V) matrix: x (b, n, d) fp32, mask (b, n) ->
+        token_frames x, token_lse (b, n) (differentiable log-sum-exp of the scores, 0 on padding) and
+        token_ids (b, n) (best-scoring code, -1 on padding), from the fused op. log p of any code is
+        ``code_scores`` - token_lse (the token CTC gathers only the blank and the targets)."""
+        from softvq_kernels import soft_vq
+
+        _, vq_aux = soft_vq(x, self.vq.codebook.float(), self.vq.temperature, distance=self.cfg.distance,
+                            mask=mask, backend=self.cfg.vq_backend, return_aux=True)
+        return {"token_frames": x, "token_lse": vq_aux.lse, "token_ids": vq_aux.indices}
+
     def vq_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, n, V) fp32 scores s(x, codebook) / tau of the VQ (the logits of its distribution over codes)."""
+        """(b, n, V) fp32 scores s(x, codebook) / tau of the VQ (the logits of its distribution over codes).
+
+        Materialises (b, n, V): training does not use it (see ``token_distribution``); it backs
+        ``aux["token_logits"]`` for inspection and tests."""
         from softvq_kernels.reference import scores
 
         lead = x.shape[:-1]
@@ -393,12 +423,18 @@ class LLMASR(nn.Module):
                              blank=blank, zero_infinity=True)
             loss = loss + self.cfg.ctc_weight * ctc
             out["ctc"] = ctc.detach()
-        if "token_logits" in aux:
+        if "token_lse" in aux:
+            from softvq_kernels import code_ctc_loss
+
+            # CTC over the VQ's distribution on the LLM vocabulary with only the blank and each utterance's
+            # target tokens gathered (log p = score - lse): equal to log_softmax over all V codes, no (b, n, V).
             targets = [torch.tensor(encode(self.tokenizer, t), dtype=torch.long) for t in texts]
             tlens = torch.tensor([len(t) for t in targets])
-            logp = aux["token_logits"].log_softmax(-1).transpose(0, 1)
-            tctc = F.ctc_loss(logp, torch.cat(targets).to(wav.device), aux["proj_lens"], tlens.to(wav.device),
-                              blank=self.blank_id, zero_infinity=True)
+            with torch.autocast(wav.device.type, enabled=False):
+                tctc = code_ctc_loss(aux["token_frames"], self.vq.codebook.float(), self.vq.temperature,
+                                     aux["token_lse"], torch.cat(targets).to(wav.device), aux["proj_lens"],
+                                     tlens.to(wav.device), blank=self.blank_id, distance=self.cfg.distance,
+                                     zero_infinity=True)
             loss = loss + self.cfg.token_ctc_weight * tctc
             out["tctc"] = tctc.detach()
         if "vq_loss" in aux:
