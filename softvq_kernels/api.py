@@ -168,13 +168,16 @@ def _reference_sums(frames, codebook, tau, distance, mask):
     return (probs.T @ frames).float()
 
 
-def quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, tau_checked_on_device=False):
+def quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, tau_checked_on_device=False,
+             process_group=None, shard_offset=None, reduce_x_grad=True):
     """Checks, flattening and dispatch shared by ``soft_vq`` and ``SoftVQ`` (not part of the public API).
 
     tau_checked_on_device=True: temperature is a 0-dim float tensor (SoftVQ's exp(log tau)) whose value
     is checked by a device-side assert, not read on the host (no GPU sync per call).
     Returns y (..., d), lse (...,), indices (...,) int64, counts (V,) (zeros unless need_counts),
     sums (V, d) fp32 (shape (0, d) unless need_sums); y, lse and counts carry gradient.
+    process_group: codebook is this rank's row shard (softvq_kernels.distributed); counts and sums are
+    then the shard's (V_r,), (V_r, d) and indices are global.
     """
     x, codebook = _autocast_inputs(x, codebook)
     _check_inputs(x, codebook, distance, mask, backend)
@@ -191,7 +194,17 @@ def quantize(x, codebook, temperature, distance, mask, backend, need_counts, nee
     d = x.shape[-1]
     frames = x.reshape(-1, d)
     flat_mask = None if mask is None else mask.reshape(-1)
-    if name == "reference":
+    if process_group is not None:
+        from softvq_kernels.distributed import vocab_parallel_quantize
+
+        y, lse, indices, counts, sums = vocab_parallel_quantize(
+            frames, codebook, tau, flat_mask, distance, name, need_counts, need_sums, process_group,
+            shard_offset, reduce_x_grad,
+        )
+        y = y.to(frames.dtype)
+    elif shard_offset is not None:
+        raise ValueError("shard_offset is only meaningful with process_group=")
+    elif name == "reference":
         with torch.autocast(x.device.type, enabled=False):
             y, lse, indices, counts = soft_vq_reference(frames, codebook, tau, distance, flat_mask)
             if need_sums:
@@ -216,6 +229,9 @@ def soft_vq(
     mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_aux: bool = False,
+    process_group=None,
+    shard_offset: int | None = None,
+    reduce_x_grad: bool = True,
 ):
     """Soft vector quantisation: y = softmax(scores(x, codebook) / temperature) @ codebook.
 
@@ -231,8 +247,17 @@ def soft_vq(
     codebook makes every output NaN (nothing is silently dropped).
     Under ``torch.autocast`` x and codebook run in the autocast dtype (an fp32 codebook is fine).
     The fused backends run as the custom op ``softvq::soft_vq`` (one node for ``torch.compile``).
+
+    process_group: a torch.distributed group over which the codebook is sharded by rows (vocabulary
+    parallelism): ``codebook`` is then this rank's contiguous block (V_r, d), x/mask/temperature are the
+    same on every rank, y, lse and indices (global) come out identical on every rank and code_counts is
+    this rank's (V_r,) shard. shard_offset: this rank's first global row (default: one all-gather of the
+    shard sizes). reduce_x_grad=False leaves x's gradient as this rank's partial sum (Megatron-style
+    reductions). Semantics, gradients and communication cost: ``softvq_kernels.distributed``.
     """
-    y, lse, indices, counts, _ = quantize(x, codebook, temperature, distance, mask, backend, return_aux, False)
+    y, lse, indices, counts, _ = quantize(x, codebook, temperature, distance, mask, backend, return_aux, False,
+                                          process_group=process_group, shard_offset=shard_offset,
+                                          reduce_x_grad=reduce_x_grad)
     if not return_aux:
         return y
     return y, SoftVQAux(lse, indices, counts)
