@@ -10,7 +10,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from softvq_kernels import backends
-from softvq_kernels.op import soft_vq_op
+from softvq_kernels.op import lse_argmax_op, soft_vq_op
 from softvq_kernels.reference import accumulation_dtype, scores, soft_vq_reference
 
 DISTANCES = ("l2", "cosine", "dot")
@@ -218,6 +218,27 @@ def quantize(x, codebook, temperature, distance, mask, backend, need_counts, nee
         y = y.to(frames.dtype)  # the op keeps the full-precision y for its backward
     lead = x.shape[:-1]
     return y.reshape(x.shape), lse.reshape(lead), indices.reshape(lead), counts, sums
+
+
+def lse_argmax(x, codebook, temperature, distance, mask, backend, *, tau_checked_on_device=False):
+    """Hard mode / inference (``SoftVQ(mode="hard")``): (lse (...,), indices (...,)) as ``quantize`` returns
+    them, without forming y (the fused backends' online pass alone); no gradient. Not public API."""
+    x, codebook = _autocast_inputs(x, codebook)
+    _check_inputs(x, codebook, distance, mask, backend)
+    tau = _temperature_tensor(temperature, x, checked_on_device=tau_checked_on_device).detach()
+    name = _resolve_backend(backend, x.device)
+    frames, lead = x.detach().reshape(-1, x.shape[-1]), x.shape[:-1]
+    flat_mask = None if mask is None else mask.reshape(-1)
+    if name == "reference":
+        acc = accumulation_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            s = scores(frames.to(acc), codebook.detach().to(acc), tau.to(acc), distance)
+            lse, indices = s.logsumexp(dim=-1), s.argmax(dim=-1)
+        if flat_mask is not None:
+            lse, indices = torch.where(flat_mask, lse, 0.0), indices.masked_fill(~flat_mask, -1)
+    else:
+        lse, indices = lse_argmax_op(frames, codebook.detach(), tau, flat_mask, distance, name)
+    return lse.reshape(lead), indices.reshape(lead)
 
 
 def soft_vq(

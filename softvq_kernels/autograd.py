@@ -75,6 +75,22 @@ def fused_forward(x, codebook, tau, mask, distance, backend_name, need_counts, n
     return y, lse, indices, counts.to(prep.acc), sums.float()
 
 
+def fused_lse_argmax(x, codebook, tau, mask, distance, backend_name):
+    """Hard mode / inference: lse (T,) in the accumulation dtype (0 in masked rows) and the first argmax
+    indices (T,) int64 (-1 in masked rows), without the weighted sum: the backend's optional
+    ``lse_argmax`` hook (the online pass alone), else its forward with the output dropped."""
+    T = x.shape[0]
+    backend = backends.load_backend(backend_name)
+    with torch.autocast(x.device.type, enabled=False):
+        prep = _Prepared(x, codebook, tau, mask, distance)
+        hook = getattr(backend, "lse_argmax", None)
+        if hook is not None:
+            lse_real, idx_real = hook(prep.frames, codebook, prep.tau, prep.scoring)
+        else:
+            _, lse_real, idx_real, _ = backend.forward(prep.frames, codebook, prep.tau, prep.scoring, False)
+        return prep.scatter(lse_real.to(prep.acc), T), prep.scatter(idx_real, T, fill=-1)
+
+
 def fused_backward(grad_y, grad_lse, grad_counts, x, codebook, tau, mask, y, lse, distance, backend_name):
     """Gradients of L for x (T, d), codebook (V, d) and tau (0-dim), in their dtypes, where
     dL/dy = grad_y (T, d), dL/dlse = grad_lse (T,) or None, dL/dcounts = grad_counts (V,) or None.

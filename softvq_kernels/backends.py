@@ -16,6 +16,9 @@ A backend is a module plus one ``register_backend(BackendSpec(...))`` line below
         implementation for every backend). docs/math.md derives each piece.
     codebook_stats(x, codebook, tau, scoring, lse, rows) -> (counts (V,), sums (V, d_rows))
         soft counts sum_t p_tv and soft sums sum_t p_tv rows_t, p recomputed from lse (EMA updates).
+    lse_argmax(x, codebook, tau, scoring) -> (lse (T,), indices (T,))      optional (hard mode)
+        the forward's lse and indices without the weighted sum; softvq_kernels.autograd falls back to
+        ``forward`` for a backend without it.
 
 The reference backend is the exception: it is plain PyTorch differentiated by autograd (the spec).
 """

@@ -4,6 +4,7 @@
                              -> (y, lse, indices, counts, sums)   (y, lse, counts in the accumulation dtype)
 ``softvq::soft_vq_backward`` (grad_y, grad_lse?, grad_counts?, x, codebook, tau, mask, y, lse, distance, backend)
                              -> (grad_x, grad_codebook, grad_tau)
+``softvq::lse_argmax``       (x, codebook, tau, mask, distance, backend) -> (lse, indices)   (hard mode, no y)
 ``softvq::snapshot``         (t) -> a copy of t that a compiled graph saves instead of recomputing
 
 Both soft VQ ops run ``softvq_kernels.autograd.fused_forward`` / ``fused_backward`` (the one
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from softvq_kernels.autograd import fused_backward, fused_forward
+from softvq_kernels.autograd import fused_backward, fused_forward, fused_lse_argmax
 from softvq_kernels.reference import accumulation_dtype
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -124,6 +125,19 @@ def _backward(ctx, grad_y, grad_lse, _grad_indices, grad_counts, _grad_sums):
 
 
 soft_vq_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("softvq::lse_argmax", mutates_args=())
+def lse_argmax_op(x: Tensor, codebook: Tensor, tau: Tensor, mask: Optional[Tensor], distance: str,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """Hard mode: (lse (T,) acc dtype, indices (T,) int64) without the weighted sum; no gradient."""
+    return fused_lse_argmax(x, codebook, tau, mask, distance, backend)
+
+
+@lse_argmax_op.register_fake
+def _lse_argmax_fake(x, codebook, tau, mask, distance, backend):
+    T = x.shape[0]
+    return x.new_empty(T, dtype=accumulation_dtype(x.dtype)), x.new_empty(T, dtype=torch.int64)
 
 
 @torch.library.custom_op("softvq::snapshot", mutates_args=())

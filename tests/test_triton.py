@@ -50,16 +50,22 @@ TINY = dict(block_t=16, block_v=16, block_k=16, mm_block_m=16, mm_block_n=16, mm
 
 def _schedule(name, T, elem_bytes=4):
     """Config overrides for one schedule: 'fused' (on-chip output, vocabulary split over programs),
-    'staged' (the large-d path: lse pass, then p tiles of 16-column chunks and GEMMs) or 'score_gemm'
-    (staged, with the chunks' scores and dp from torch products: cuBLAS on a GPU)."""
+    'staged' (the large-d path: lse pass, then p tiles of 16-column chunks and GEMMs), 'score_gemm'
+    (staged, with the chunks' scores and dp from torch products: cuBLAS on a GPU), 'flash' (flash.py:
+    few-launch forward and FlashAttention-style backward) or 'online_output' (score_gemm forward in one
+    pass, conditionally rescaled)."""
     if name == "fused":
         return configs.override(**TINY, fused_max_d=64, min_programs=6)
+    if name == "flash":  # few-launch forward (vocabulary split: the merge kernel) and on-chip backward
+        return configs.override(**TINY, fused_max_d=64, min_programs=6, fused_finish=True, fused_backward=True)
     if name == "score_gemm":  # fp32 (T, 32) score chunks; 2 splits per chunk for the online pass
         return configs.override(**TINY, fused_max_d=0, min_programs=6, workspace_bytes=T * 4 * 32, score_gemm=True)
+    if name == "online_output":  # score_gemm with y accumulated in the one pass over 32-column chunks
+        return configs.override(**TINY, fused_max_d=0, workspace_bytes=T * 4 * 32, score_gemm=True, online_output=True)
     return configs.override(**TINY, fused_max_d=0, min_programs=6, workspace_bytes=T * elem_bytes * 16)
 
 
-SCHEDULES = ["fused", "staged", "score_gemm"]
+SCHEDULES = ["fused", "staged", "score_gemm", "flash", "online_output"]
 
 
 def test_interpreter_is_on_without_cuda():
@@ -181,12 +187,24 @@ def test_split_and_chunk_arithmetic():
     assert configs.chunk_width(configs.KernelConfig(block_v=16, workspace_bytes=1, min_chunk_cols=4096), 20, 100, 4) == 112
 
 
-def test_config_table_lookup_and_cache():
+@pytest.fixture
+def gpu_arch(monkeypatch):
+    """Pretend the CUDA device has a given compute capability: gpu_arch(9, 0)."""
+    def pretend(major, minor):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (major, minor))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        configs.clear_cache()
+
+    yield pretend
     configs.clear_cache()
+
+
+def test_config_table_lookup_and_cache(gpu_arch):
+    gpu_arch(9, 0)
     cuda = torch.device("cuda")
-    for (V, d, dtype), entry in configs.TABLE.items():
+    for (V, d, dtype), entry in configs.TABLES["sm_90"].items():
         assert configs.get_config(V, d, dtype, cuda) is entry
-    key = (128256, 4096, torch.bfloat16, "cuda")
+    key = (128256, 4096, torch.bfloat16, "cuda", "sm_90")
     assert configs.cache_info()[key] is configs.TABLE[key[:3]]
     # Off-table keys fall back to a rule by d and dtype, and are cached too.
     small = configs.get_config(1000, 128, torch.float16, cuda)
@@ -194,7 +212,7 @@ def test_config_table_lookup_and_cache():
     fp32 = configs.get_config(1000, 128, torch.float32, cuda)
     assert triton_next_pow2(128) <= small.fused_max_d < triton_next_pow2(3000) and large.fused_max_d < 3000
     assert fp32.mm_block_n <= small.mm_block_n
-    assert (1000, 3000, torch.float16, "cuda") in configs.cache_info()
+    assert (1000, 3000, torch.float16, "cuda", "sm_90") in configs.cache_info()
     assert configs.get_config(1000, 3000, torch.float16, cuda) is large
     cpu = configs.get_config(1000, 128, torch.float32, torch.device("cpu"))
     assert cpu.block_t >= 16 and cpu.mm_num_stages >= 1
@@ -203,6 +221,65 @@ def test_config_table_lookup_and_cache():
     assert configs.get_config(32000, 256, torch.bfloat16, cuda) is configs.TABLE[(32000, 256, torch.bfloat16)]
     configs.clear_cache()
     assert configs.cache_info() == {}
+
+
+def test_new_schedules_are_off_in_every_gpu_default(gpu_arch):
+    """The few-launch (flash) and one-pass (online_output) schedules stay opt-in until a GPU measures them."""
+    for capability in ((9, 0), (8, 0), (8, 6), (12, 0)):
+        gpu_arch(*capability)
+        arch = configs.device_arch(torch.device("cuda"))
+        for V, d, dtype in [*configs.TABLES[arch], (1000, 100, torch.bfloat16), (1000, 2048, torch.float16),
+                            (1000, 64, torch.float32)]:
+            config = configs.get_config(V, d, dtype, torch.device("cuda"))
+            assert not (config.fused_finish or config.fused_backward or config.online_output), (capability, V, d)
+
+
+def test_configs_are_keyed_by_gpu_architecture(gpu_arch):
+    cuda = torch.device("cuda")
+    assert [configs.arch_of_capability(*c) for c in ((9, 0), (8, 0), (8, 6), (8, 9), (10, 0), (7, 5))] == [
+        "sm_90", "sm_80", "other", "other", "other", "other"]
+    gpu_arch(9, 0)
+    hopper = configs.get_config(32000, 256, torch.bfloat16, cuda)
+    assert hopper is configs.TABLES["sm_90"][(32000, 256, torch.bfloat16)]
+    gpu_arch(8, 6)  # an RTX 30x0: never the H200 entry, the safe rule (fits ~100 KB of shared memory)
+    ada = configs.get_config(32000, 256, torch.bfloat16, cuda)
+    assert ada is configs.default_config(32000, 256, torch.bfloat16, "other") and ada is not hopper
+    assert ada.num_stages <= 2 and ada.block_t * ada.block_k <= hopper.block_t * hopper.block_k
+    assert configs.get_config(128256, 4096, torch.bfloat16, cuda).score_gemm  # cuBLAS everywhere at large d
+    gpu_arch(8, 0)
+    assert configs.get_config(32000, 256, torch.bfloat16, cuda) == configs.default_config(32000, 256, torch.bfloat16, "sm_80")
+
+
+def test_config_files_per_architecture(tmp_path, monkeypatch, gpu_arch):
+    import json
+
+    monkeypatch.setattr(configs, "TABLES", {arch: dict(t) for arch, t in configs.TABLES.items()})
+    cuda = torch.device("cuda")
+    # A directory of <arch>.json files: each GPU reads only its own.
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    (folder / "sm_90.json").write_text(json.dumps({"777,48,bfloat16": {"block_t": 32, "block_v": 128}}))
+    (folder / "sm_80.json").write_text(json.dumps({"777,48,bfloat16": {"block_t": 16, "block_v": 64}}))
+    monkeypatch.setenv("SOFTVQ_TRITON_CONFIGS", str(folder))
+    gpu_arch(9, 0)
+    assert (configs.get_config(777, 48, torch.bfloat16, cuda).block_t, configs.TABLES["sm_80"]) == (32, {})
+    gpu_arch(8, 0)
+    assert configs.get_config(777, 48, torch.bfloat16, cuda).block_v == 64
+    gpu_arch(8, 9)  # no other.json: the safe rule, not either GPU's entry
+    assert configs.get_config(777, 48, torch.bfloat16, cuda) is configs.default_config(777, 48, torch.bfloat16, "other")
+    # One file keyed by architecture (what tuning.tune_to_file writes).
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"sm_80": {"999,64,float16": {"block_t": 32, "fused_max_d": 0}}}))
+    monkeypatch.setenv("SOFTVQ_TRITON_CONFIGS", str(path))
+    gpu_arch(8, 0)
+    assert (configs.get_config(999, 64, torch.float16, cuda).fused_max_d) == 0
+    gpu_arch(9, 0)
+    assert configs.get_config(999, 64, torch.float16, cuda).fused_max_d == 256
+    # A table without its architecture is refused, never applied to whatever GPU is present.
+    path.write_text(json.dumps({"999,64,float16": {"block_t": 32}}))
+    gpu_arch(9, 0)
+    with pytest.raises(ValueError, match="architectures"):
+        configs.get_config(999, 64, torch.float16, cuda)
 
 
 def test_tune_picks_the_fastest_runnable_candidate_and_caches_it():
@@ -221,20 +298,6 @@ def test_tune_picks_the_fastest_runnable_candidate_and_caches_it():
     best, timings = tuning.tune(20, 40, 24, torch.float32, [broken, good], device=DEVICE, bench=wall_ms)
     assert best is good and timings[0][1] == float("inf") and math.isfinite(timings[1][1])
     assert configs.get_config(40, 24, torch.float32, DEVICE) is good
-    configs.clear_cache()
-
-
-def test_config_file_from_environment(tmp_path, monkeypatch):
-    import json
-
-    path = tmp_path / "tuned.json"
-    path.write_text(json.dumps({"777,48,bfloat16": {"block_t": 32, "block_v": 128, "fused_max_d": 0}}))
-    monkeypatch.setenv("SOFTVQ_TRITON_CONFIGS", str(path))
-    monkeypatch.setattr(configs, "_env_loaded", False)
-    monkeypatch.setattr(configs, "TABLE", dict(configs.TABLE))
-    configs.clear_cache()
-    config = configs.get_config(777, 48, torch.bfloat16, torch.device("cuda"))
-    assert (config.block_t, config.block_v, config.fused_max_d) == (32, 128, 0)
     configs.clear_cache()
 
 

@@ -11,7 +11,7 @@ same cuBLAS chunk product), so all kernels recompute bitwise equal scores and p 
 exactly 1 at the argmax of a one-hot row.
 
 Forward (forward.py).
-1. ``_online_kernel``, grid (T / BLOCK_T, splits): one pass over the program's share of the vocabulary
+1. ``online_kernel`` (common.py), grid (T / BLOCK_T, splits): one pass over the program's share of the vocabulary
    with an online max / sum and the first argmax. When next_pow2(d) <= ``fused_max_d`` it also keeps
    the unnormalised output sum_v exp(a - m) c_v in a BLOCK_T x d register accumulator (FlashAttention
    style, 4 T V d FLOPs). The vocabulary is split across programs when T / BLOCK_T alone would leave
@@ -23,7 +23,17 @@ Forward (forward.py).
 3. code_counts need the final lse: column sums of the staging kernel (atomics over T blocks), free in the
    staged path and a scores-only launch (2 T V d) in the fused path, run only when asked for.
 
-Backward (backward.py): staged at every d, see its docstring. A gradient on code_counts costs one
+Opt-in schedules (KernelConfig fields, off in every GPU default until a GPU measures them; tests force them):
+- fused_finish / fused_backward (flash.py, d <= fused_max_d): the forward writes y, lse and argmax from the
+  online kernel itself (or one merge kernel when the vocabulary is split), norms in one prologue launch;
+  the backward is FlashAttention-2 style, a codebook-block kernel (dC in both roles) and a frame-block
+  kernel (dx and the row sums) with on-chip accumulators and nothing staged: forward + backward in at
+  most 6 launches, no host reads, shapes alone fix every grid (CUDA-graph capturable).
+- online_output (forward.py, with score_gemm): the large-d forward in one pass over the vocabulary, P_c
+  relative to a running max that moves only past RESCALE_THRESHOLD (FlashAttention-4's rescale): 4 T V d.
+Hard mode (``lse_argmax``): the online pass without the output, 2 T V d, on every schedule.
+
+Backward (backward.py): staged at every d by default, see its docstring. A gradient on code_counts costs one
 extra scores-only pass (c_t = sum_v p_tv gn_v is needed before any ds); a gradient on lse is free.
 
 Dtypes: fp32 / fp16 / bf16 with fp32 accumulation (fp32 products use IEEE fp32, not TF32), and fp64
@@ -45,6 +55,7 @@ try:
     from softvq_kernels.triton.backward import backward as _backward
     from softvq_kernels.triton.forward import codebook_stats as _codebook_stats
     from softvq_kernels.triton.forward import forward as _forward
+    from softvq_kernels.triton.forward import lse_argmax as _lse_argmax
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - triton is a dependency on Linux x86-64
@@ -74,3 +85,7 @@ def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
 
 def codebook_stats(x, codebook, tau, scoring, lse, rows):
     return _codebook_stats(x, codebook, tau, scoring, lse, rows)
+
+
+def lse_argmax(x, codebook, tau, scoring):
+    return _lse_argmax(x, codebook, tau, scoring)

@@ -4,6 +4,8 @@ writes p and ds * kappa (T x chunk each) and adds the row / column sums of ``Bac
 three products over the staged tiles give dx += ds_k C_chunk and the chunk's codebook rows
 P^T g + ds_k^T x_rows in full. 10 T V d FLOPs; the staged tiles cost 10 bytes per 10 d FLOPs.
 Nothing of size T x V is ever held: the chunk width comes from the workspace budget.
+With KernelConfig.fused_backward (d <= fused_max_d) the FlashAttention-style kernels of flash.py run
+instead: no staged tiles at all, three launches.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from softvq_kernels.backends import BackwardPieces
-from softvq_kernels.triton import configs
+from softvq_kernels.triton import configs, flash
 from softvq_kernels.triton.common import (
     DIST_COSINE,
     DIST_L2,
@@ -40,6 +43,8 @@ def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
     acc = acc_dtype(tau.dtype)
     device = x.device
     cfg = configs.get_config(V, d, x.dtype, device)
+    if T > 0 and cfg.fused_backward and not cfg.score_gemm and triton.next_power_of_2(d) <= cfg.fused_max_d:
+        return flash.backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts)
     tau1 = tau.reshape(1)
     operands, xoff = score_operands(x, codebook, tau, scoring)
     dist = operands[0]

@@ -118,10 +118,10 @@ def score_tile(x_ptr, k_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, co
 
 
 @triton.jit
-def _rowdot_kernel(a_ptr, b_ptr, out_ptr, R, D, stride_a, stride_b,
-                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
+def rowdot_block(a_ptr, b_ptr, rows, row_ok, D, stride_a, stride_b, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """sum_k a[r, k] b[r, k] for BLOCK_R rows. Every squared norm of the backend comes from here with
+    BLOCK_R = ROWDOT_BLOCK_R, BLOCK_D = rowdot_block_d(D) and 4 warps, so all launchers get the same bits."""
     total = tl.zeros((BLOCK_R,), dtype=ACC)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
@@ -129,6 +129,88 @@ def _rowdot_kernel(a_ptr, b_ptr, out_ptr, R, D, stride_a, stride_b,
         a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=ok, other=0.0).to(ACC)
         b = tl.load(b_ptr + rows[:, None] * stride_b + ks[None, :], mask=ok, other=0.0).to(ACC)
         total += tl.sum(a * b, 1)
+    return total
+
+
+ROWDOT_BLOCK_R = 16
+
+
+def rowdot_block_d(D: int) -> int:
+    return min(triton.next_power_of_2(D), 256)
+
+
+@triton.jit
+def online_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr,
+                   m_ptr, l_ptr, idx_ptr, acc_ptr, s_ptr, xoff_ptr, lse_ptr,
+                   T, V, D, tiles_per_split, tile0, slot0,
+                   stride_x, stride_c, stride_acc_s, stride_acc_t, stride_s,
+                   DIST: tl.constexpr, ACC_Y: tl.constexpr, FROM_GEMM: tl.constexpr, FINISH: tl.constexpr,
+                   PREC_S: tl.constexpr, PREC_Y: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                   D_PAD: tl.constexpr):
+    """Program (t-block, split): online max m, sum l (relative to m), first argmax, and with ACC_Y the
+    unnormalised sum_v exp(a - m) c_v over the split's vocabulary tiles; written to the split's slot.
+    FROM_GEMM: the tiles tile0 + [0, tiles_per_split) of one vocabulary chunk whose <x, c> products cuBLAS
+    wrote to s_ptr (column tile0 * BLOCK_V first), into slot slot0 + split (V: the chunk's end).
+    FINISH (one split only): write the final results instead of partials: idx (T,), the true lse
+    m + log l - xoff (T,) (xoff_ptr: ||x||^2 / tau for l2) and y = acc / l (T, d) into acc_ptr.
+    FLOPs: 2 T V d for the scores, 2 T V d more with ACC_Y."""
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
+    m = tl.full((BLOCK_T,), float("-inf"), dtype=ACC)
+    l = tl.zeros((BLOCK_T,), dtype=ACC)
+    idx = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    if ACC_Y:
+        dcols = tl.arange(0, D_PAD)
+        acc = tl.zeros((BLOCK_T, D_PAD), dtype=ACC)
+    first = tile0 + split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(first, last):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
+                       DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, tile0 * BLOCK_V, FROM_GEMM)
+        tile_max = tl.max(a, 1)
+        # first argmax within the tile: the smallest column whose score equals the tile max
+        tile_arg = tl.min(tl.where(a == tile_max[:, None], cols[None, :], 2147483647), 1).to(tl.int32)
+        idx = tl.where(tile_max > m, tile_arg, idx)  # strict: ties keep the earlier tile's index
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)  # the first tile of a split always has a real column: m_new finite
+        p = tl.exp(a - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if ACC_Y:
+            vt = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :],
+                         mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
+            acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC_Y)
+        m = m_new
+    if FINISH:
+        lse = m + tl.log(l)
+        if DIST == 1:
+            lse = lse - tl.load(xoff_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(idx_ptr + rows, idx.to(tl.int64), mask=row_ok)
+        if ACC_Y:
+            ptrs = acc_ptr + rows[:, None] * stride_acc_t + dcols[None, :]
+            tl.store(ptrs, acc / l[:, None], mask=row_ok[:, None] & (dcols < D)[None, :])
+    else:
+        out = (slot0 + split) * T + rows
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(l_ptr + out, l, mask=row_ok)
+        tl.store(idx_ptr + out, idx.to(tl.int64), mask=row_ok)
+        if ACC_Y:
+            ptrs = acc_ptr + split * stride_acc_s + rows[:, None] * stride_acc_t + dcols[None, :]
+            tl.store(ptrs, acc, mask=row_ok[:, None] & (dcols < D)[None, :])
+
+
+@triton.jit
+def _rowdot_kernel(a_ptr, b_ptr, out_ptr, R, D, stride_a, stride_b,
+                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    total = rowdot_block(a_ptr, b_ptr, rows, row_ok, D, stride_a, stride_b, ACC, BLOCK_R, BLOCK_D)
     tl.store(out_ptr + rows, total, mask=row_ok)
 
 
@@ -140,10 +222,9 @@ def rowdot(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty(R, dtype=acc, device=a.device)
     if R == 0:
         return out
-    block_d = min(triton.next_power_of_2(D), 256)
-    block_r = 16
-    _rowdot_kernel[(triton.cdiv(R, block_r),)](
-        a, b, out, R, D, a.stride(0), b.stride(0), ACC=tl_acc(acc), BLOCK_R=block_r, BLOCK_D=block_d
+    _rowdot_kernel[(triton.cdiv(R, ROWDOT_BLOCK_R),)](
+        a, b, out, R, D, a.stride(0), b.stride(0), ACC=tl_acc(acc), BLOCK_R=ROWDOT_BLOCK_R, BLOCK_D=rowdot_block_d(D),
+        num_warps=4,
     )
     return out
 

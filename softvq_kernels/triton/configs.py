@@ -4,8 +4,10 @@ import; ``softvq_kernels.triton.tuning`` times candidates and stores winners in 
 ``override`` forces a config in a block of code (tests use it to reach the staged large-d path and
 the vocabulary split at tiny shapes).
 
-Tuned entries can also come from a JSON file named by SOFTVQ_TRITON_CONFIGS (written by
-``tuning.tune_to_file``, read at the first CUDA lookup, never at import): {"V,d,dtype": {field: value}}.
+Configs are keyed by GPU architecture (``device_arch``: sm_90, sm_80, other), so a table measured on one
+GPU is never applied to another. Tuned entries can come from JSON per architecture named by
+SOFTVQ_TRITON_CONFIGS (``_load_arch_file``; written by ``tuning.tune_to_file``, read at the first CUDA
+lookup of that architecture, never at import).
 
 Why the GPU defaults are what they are (the sweeps behind them: benchmarks/results/, commit log):
 - d <= 256: 128x128 score tiles with 8 warps, 32-wide k steps in 3 stages; the backward is staged
@@ -63,6 +65,15 @@ class KernelConfig:
     # Large d (the staged schedule): take <x, k> and <g, v> from cuBLAS products of each vocabulary chunk
     # (fp32, T x chunk) instead of the kernels' own tile products; Triton then only reads them.
     score_gemm: bool = False
+    # The FlashAttention-style schedule of flash.py for next_pow2(d) <= fused_max_d (GPU default off until
+    # measured): fused_finish, the forward finishes y / lse / argmax in the online kernel (or one merge
+    # kernel when the vocabulary is split) with the norms in one prologue launch (also the hard-mode
+    # forward); fused_backward, dC and dx from two kernels with on-chip accumulators, nothing staged.
+    fused_finish: bool = False
+    fused_backward: bool = False
+    # score_gemm forward in one pass over the vocabulary (y accumulated chunk by chunk with a conditionally
+    # rescaled online softmax: 4 T V d FLOPs instead of 6). GPU default off until measured.
+    online_output: bool = False
 
 
 # Interpreter (CPU): any block >= 16 works; larger blocks interpret faster.
@@ -79,17 +90,32 @@ _GPU_FP32 = KernelConfig(block_t=32, block_v=64, block_k=32, num_warps=4, num_st
                          mm_block_m=64, mm_block_n=64, mm_block_k=32, mm_num_warps=4,
                          mm_num_stages=2)
 
-# Exact entries for the reference shapes (V, d, dtype); other keys use the rule in default_config.
-TABLE: dict[tuple[int, int, torch.dtype], KernelConfig] = {
-    (32000, 256, torch.bfloat16): _GPU_16BIT_SMALL_D,
-    (151936, 896, torch.bfloat16): _GPU_16BIT_MID_D,
-    (128256, 2048, torch.bfloat16): _GPU_16BIT_LARGE_D,
-    (128256, 4096, torch.bfloat16): _GPU_16BIT_LARGE_D,
+# Safe rule for GPUs nothing was measured on ("other": consumer Ampere / Ada, Blackwell, ...): small
+# tiles and two stages fit in about 100 KB of shared memory; cuBLAS does the large-d products.
+_SAFE_16BIT_SMALL_D = KernelConfig(block_t=64, block_v=64, block_k=32, num_warps=4, num_stages=2, fused_max_d=128,
+                                   mm_block_m=64, mm_block_n=64, mm_block_k=32, mm_num_warps=4, mm_num_stages=2)
+_SAFE_16BIT_LARGE_D = dataclasses.replace(_SAFE_16BIT_SMALL_D, gemm="cublas", score_gemm=True)
+
+# Config families by GPU architecture (``device_arch``). Exact entries (V, d, dtype) per family; other keys
+# use the family's rule in ``default_config``. sm_90's entries were measured on an H200 (benchmarks/results/);
+# they are never applied to another architecture.
+ARCHES = ("sm_90", "sm_80", "other")
+TABLES: dict[str, dict[tuple[int, int, torch.dtype], KernelConfig]] = {
+    "sm_90": {
+        (32000, 256, torch.bfloat16): _GPU_16BIT_SMALL_D,
+        (151936, 896, torch.bfloat16): _GPU_16BIT_MID_D,
+        (128256, 2048, torch.bfloat16): _GPU_16BIT_LARGE_D,
+        (128256, 4096, torch.bfloat16): _GPU_16BIT_LARGE_D,
+    },
+    "sm_80": {},
+    "other": {},
 }
+TABLE = TABLES["sm_90"]  # the measured H200 entries
 
 _cache: dict[tuple, KernelConfig] = {}
 _override: list[KernelConfig] = []
-_env_loaded = False
+_arch_of_device: dict[int, str] = {}
+_files_loaded: set[str] = set()
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
@@ -97,44 +123,96 @@ def key_text(V: int, d: int, dtype: torch.dtype) -> str:
     return f"{V},{d},{DTYPE_NAMES[dtype]}"
 
 
-def _load_env_table() -> None:
-    """Merge SOFTVQ_TRITON_CONFIGS (if set) into TABLE, once, at the first CUDA lookup."""
-    global _env_loaded
-    _env_loaded = True
+def arch_of_capability(major: int, minor: int) -> str:
+    """sm_90 (H100 / H200), sm_80 (A100, A800: the sm_90 rules fit its 164 KB of shared memory), else
+    "other" (the safe rule): sm_86 / sm_89 have 100 KB, too little for the sm_90 pipelines."""
+    return {(9, 0): "sm_90", (8, 0): "sm_80"}.get((major, minor), "other")
+
+
+def device_arch(device: torch.device) -> str:
+    """The config family of a CUDA device (cached per device index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _arch_of_device.get(index)
+    if arch is None:
+        arch = _arch_of_device[index] = arch_of_capability(*torch.cuda.get_device_capability(index))
+    return arch
+
+
+def _parse_table(entries: dict, origin: str) -> dict[tuple[int, int, torch.dtype], KernelConfig]:
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    table = {}
+    for key, fields in entries.items():
+        try:
+            V, d, dtype = key.split(",")
+            table[(int(V), int(d), names[dtype])] = KernelConfig(**fields)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{origin}: entry {key!r} is not 'V,d,dtype': {{KernelConfig field: value}} ({exc})") from exc
+    return table
+
+
+def _load_arch_file(arch: str) -> None:
+    """Merge this architecture's tuned entries from SOFTVQ_TRITON_CONFIGS into TABLES[arch], once per
+    architecture, at its first CUDA lookup (never at import). The variable names a directory holding
+    <arch>.json files ({"V,d,dtype": {field: value}}) or one file {"<arch>": {"V,d,dtype": {...}}, ...}
+    (what ``tuning.tune_to_file`` writes). Entries are applied only to the architecture they name."""
+    _files_loaded.add(arch)
     path = os.environ.get("SOFTVQ_TRITON_CONFIGS")
     if not path:
         return
-    names = {v: k for k, v in DTYPE_NAMES.items()}
+    if os.path.isdir(path):
+        file = os.path.join(path, f"{arch}.json")
+        if os.path.exists(file):
+            with open(file) as f:
+                TABLES[arch].update(_parse_table(json.load(f), file))
+        return
     with open(path) as f:
-        for key, fields in json.load(f).items():
-            V, d, dtype = key.split(",")
-            TABLE[(int(V), int(d), names[dtype])] = KernelConfig(**fields)
+        data = json.load(f)
+    unknown = [key for key in data if key not in ARCHES]
+    if unknown:
+        raise ValueError(
+            f"SOFTVQ_TRITON_CONFIGS={path}: top-level keys must be GPU architectures {ARCHES} (tables are "
+            f"never applied to a GPU they were not tuned on), got {unknown[:3]}"
+        )
+    TABLES[arch].update(_parse_table(data.get(arch, {}), f"{path} [{arch}]"))
 
 
-def default_config(V: int, d: int, dtype: torch.dtype) -> KernelConfig:
+def default_config(V: int, d: int, dtype: torch.dtype, arch: str = "sm_90") -> KernelConfig:
+    d_pad = triton.next_power_of_2(d)
+    if arch == "other":
+        if dtype in (torch.float32, torch.float64):
+            return _GPU_FP32
+        return _SAFE_16BIT_SMALL_D if d_pad <= 128 else _SAFE_16BIT_LARGE_D
     if dtype in (torch.float32, torch.float64):
         return _GPU_FP32
-    d_pad = triton.next_power_of_2(d)
     return _GPU_16BIT_SMALL_D if d_pad <= 256 else _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
 
 
+def _cache_key(V: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (V, d, dtype, device.type, device_arch(device) if device.type == "cuda" else None)
+
+
 def get_config(V: int, d: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    """The config for one call; the table is consulted once per (V, d, dtype, device type)."""
+    """The config for one call; the device's architecture table is consulted once per key."""
     if _override:
         return _override[-1]
-    key = (V, d, dtype, device.type)
+    device = torch.device(device)
+    key = _cache_key(V, d, dtype, device)
     config = _cache.get(key)
     if config is None:
-        if device.type == "cuda" and not _env_loaded:
-            _load_env_table()
-        config = _CPU if device.type != "cuda" else TABLE.get((V, d, dtype)) or default_config(V, d, dtype)
+        arch = key[4]
+        if arch is None:
+            config = _CPU
+        else:
+            if arch not in _files_loaded:
+                _load_arch_file(arch)
+            config = TABLES[arch].get((V, d, dtype)) or default_config(V, d, dtype, arch)
         _cache[key] = config
     return config
 
 
-def remember(V: int, d: int, dtype: torch.dtype, device_type: str, config: KernelConfig) -> None:
-    """Use ``config`` for (V, d, dtype) on ``device_type`` from now on (what tuning does with a winner)."""
-    _cache[(V, d, dtype, device_type)] = config
+def remember(V: int, d: int, dtype: torch.dtype, device, config: KernelConfig) -> None:
+    """Use ``config`` for (V, d, dtype) on ``device`` (and its architecture) from now on (tuning's winner)."""
+    _cache[_cache_key(V, d, dtype, torch.device(device))] = config
 
 
 def cache_info() -> dict[tuple, KernelConfig]:
@@ -142,7 +220,10 @@ def cache_info() -> dict[tuple, KernelConfig]:
 
 
 def clear_cache() -> None:
+    """Forget cached lookups, device architectures and which tuned files were read."""
     _cache.clear()
+    _arch_of_device.clear()
+    _files_loaded.clear()
 
 
 @contextlib.contextmanager

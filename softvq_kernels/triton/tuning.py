@@ -1,8 +1,8 @@
 """Tuning: time candidate configs on the GPU at hand and keep the fastest (explicit, never at import).
 
 This module imports the kernels (forward/backward) and the config table; the kernels import only the
-table, so there is no import cycle. ``tune_to_file`` writes a SOFTVQ_TRITON_CONFIGS file, one per GPU
-architecture (name it after the device: the table is not meant to travel between GPUs).
+table, so there is no import cycle. ``tune_to_file`` writes a SOFTVQ_TRITON_CONFIGS file whose tables are keyed
+by GPU architecture (configs.device_arch), so they never apply to a GPU they were not tuned on.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from softvq_kernels.triton.backward import backward as run_backward
 from softvq_kernels.triton.forward import forward as run_forward
 
 
-def candidates_for(V: int, d: int, dtype: torch.dtype) -> list[configs.KernelConfig]:
+def candidates_for(V: int, d: int, dtype: torch.dtype, arch: str = "sm_90") -> list[configs.KernelConfig]:
     """The table's (or the rule's) config and its neighbours: tile shapes, GEMM tiles, chunk budgets."""
-    base = configs.TABLE.get((V, d, dtype)) or configs.default_config(V, d, dtype)
+    base = configs.TABLES[arch].get((V, d, dtype)) or configs.default_config(V, d, dtype, arch)
     budget = base.workspace_bytes or 64 * 2**20
     out = [base] + [
         dataclasses.replace(base, block_t=bt, block_v=bv, num_warps=w)
@@ -32,8 +32,11 @@ def candidates_for(V: int, d: int, dtype: torch.dtype) -> list[configs.KernelCon
         dataclasses.replace(base, workspace_bytes=budget // 4),
         dataclasses.replace(base, workspace_bytes=budget * 2),
     ]
-    if triton.next_power_of_2(d) <= base.fused_max_d:  # fused vs staged forward
+    if triton.next_power_of_2(d) <= base.fused_max_d:  # fused vs staged forward; the few-launch schedule
         out.append(dataclasses.replace(base, fused_max_d=0))
+        out.append(dataclasses.replace(base, fused_finish=True, fused_backward=True))
+    elif base.score_gemm:
+        out.append(dataclasses.replace(base, online_output=True))
     return out
 
 
@@ -52,7 +55,7 @@ def tune(T: int, V: int, d: int, dtype: torch.dtype, candidates=None, *, backwar
 
     device = torch.device(device)
     if candidates is None:
-        candidates = candidates_for(V, d, dtype)
+        candidates = candidates_for(V, d, dtype, configs.device_arch(device) if device.type == "cuda" else "sm_90")
     x = torch.randn(T, d, device=device, dtype=dtype)
     c = torch.randn(V, d, device=device, dtype=dtype) / d**0.5
     tau = torch.tensor(1.0, device=device)
@@ -73,17 +76,26 @@ def tune(T: int, V: int, d: int, dtype: torch.dtype, candidates=None, *, backwar
         timings.append((config, ms))
         if ms < best_ms:
             best, best_ms = config, ms
-    configs.remember(V, d, dtype, device.type, best)
+    configs.remember(V, d, dtype, device, best)
     return best, timings
 
 
-def tune_to_file(path: str, shapes, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tune each (T, V, d) of ``shapes`` and write the winners as a SOFTVQ_TRITON_CONFIGS file."""
-    table, report = {}, {}
+def tune_to_file(path: str, shapes, dtype: torch.dtype = torch.bfloat16, device="cuda") -> dict:
+    """Tune each (T, V, d) of ``shapes`` on ``device`` and write the winners under its architecture in
+    the SOFTVQ_TRITON_CONFIGS file ``path`` ({"sm_90": {"V,d,dtype": {...}}}; other architectures'
+    tables already in the file are kept)."""
+    device = torch.device(device)
+    arch = configs.device_arch(device)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {}
+    table, report = data.setdefault(arch, {}), {}
     for T, V, d in shapes:
-        best, timings = tune(T, V, d, dtype)
+        best, timings = tune(T, V, d, dtype, device=device)
         table[configs.key_text(V, d, dtype)] = dataclasses.asdict(best)
         report[f"{T}x{V}x{d}"] = [(dataclasses.asdict(c), ms) for c, ms in timings]
     with open(path, "w") as f:
-        json.dump(table, f, indent=1)
+        json.dump(data, f, indent=1)
     return report
