@@ -21,8 +21,9 @@ def inverse_norms(t: torch.Tensor) -> torch.Tensor:
     return norms.clamp_min(COSINE_EPS).reciprocal()
 
 
-class _Prepared:
-    """The backend's view of one call: real frames only, the scoring rule, acc-dtype tau."""
+class PreparedCall:
+    """The backend's view of one call: real frames only, the scoring rule, acc-dtype tau (also used by
+    softvq_kernels.distributed for each shard)."""
 
     def __init__(self, x, codebook, tau, mask, distance):
         self.acc = accumulation_dtype(x.dtype)
@@ -58,7 +59,7 @@ def fused_forward(x, codebook, tau, mask, distance, backend_name, need_counts, n
     V = codebook.shape[0]
     backend = backends.load_backend(backend_name)
     with torch.autocast(x.device.type, enabled=False):
-        prep = _Prepared(x, codebook, tau, mask, distance)
+        prep = PreparedCall(x, codebook, tau, mask, distance)
         y_real, lse_real, idx_real, counts = backend.forward(
             prep.frames, codebook, prep.tau, prep.scoring, need_counts and not need_sums
         )
@@ -82,7 +83,7 @@ def fused_lse_argmax(x, codebook, tau, mask, distance, backend_name):
     T = x.shape[0]
     backend = backends.load_backend(backend_name)
     with torch.autocast(x.device.type, enabled=False):
-        prep = _Prepared(x, codebook, tau, mask, distance)
+        prep = PreparedCall(x, codebook, tau, mask, distance)
         hook = getattr(backend, "lse_argmax", None)
         if hook is not None:
             lse_real, idx_real = hook(prep.frames, codebook, prep.tau, prep.scoring)
@@ -103,7 +104,7 @@ def fused_backward(grad_y, grad_lse, grad_counts, x, codebook, tau, mask, y, lse
         # gradient: casting back loses nothing and keeps the backend's g products on tensor cores.
         grad_y = grad_y.to(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        prep = _Prepared(x, codebook, tau, mask, distance)
+        prep = PreparedCall(x, codebook, tau, mask, distance)
         y_real, lse_real, grad_lse_real = prep.compact(y), prep.compact(lse), prep.compact(grad_lse)
         pieces = backend.backward(
             prep.compact(grad_y), prep.frames, codebook, prep.tau, prep.scoring, y_real, lse_real,

@@ -21,7 +21,6 @@ import torch
 
 from softvq_kernels import planning
 from softvq_kernels.backends import BackwardPieces, Scoring
-from softvq_kernels.planning import options  # noqa: F401  (chunk size / budget override, re-exported)
 from softvq_kernels.reference import accumulation_dtype
 
 

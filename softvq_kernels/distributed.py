@@ -56,8 +56,7 @@ import torch
 import torch.distributed as dist
 
 from softvq_kernels import backends, chunked
-from softvq_kernels.autograd import inverse_norms
-from softvq_kernels.backends import Scoring
+from softvq_kernels.autograd import PreparedCall
 from softvq_kernels.reference import COSINE_EPS, accumulation_dtype
 
 # Argmax slots travel in the float SUM all-reduce as two halves of (index + 1) below this base, each
@@ -89,30 +88,6 @@ def check_shard_offset(shard_offset) -> int:
     if isinstance(shard_offset, bool) or not isinstance(shard_offset, int) or shard_offset < 0:
         raise ValueError(f"shard_offset must be a non-negative int (this rank's first global row), got {shard_offset!r}")
     return shard_offset
-
-
-class _Prepared:
-    """The backend's view of one shard call: real frames only, the scoring rule, tau in the accumulation
-    dtype (as softvq_kernels.autograd prepares the unsharded op)."""
-
-    def __init__(self, x, codebook, tau, mask, distance):
-        self.acc = accumulation_dtype(x.dtype)
-        self.tau = tau.detach().to(self.acc)
-        self.rows = None if mask is None else mask.nonzero().squeeze(1)
-        self.frames = self.compact(x)
-        if distance == "cosine":
-            self.scoring = Scoring("cosine", inverse_norms(self.frames), inverse_norms(codebook))
-        else:
-            self.scoring = Scoring(distance)
-
-    def compact(self, t):
-        return t if self.rows is None or t is None else t.index_select(0, self.rows)
-
-    def scatter(self, t_real, total, fill=0):
-        """(R, ...) rows of real frames -> (total, ...) with ``fill`` in the masked rows."""
-        if self.rows is None:
-            return t_real
-        return t_real.new_full((total, *t_real.shape[1:]), fill).index_copy_(0, self.rows, t_real)
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -209,7 +184,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
         backend = backends.load_backend(backend_name)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         with torch.autocast(x.device.type, enabled=False):
-            prep = _Prepared(x, shard, tau, mask, distance)
+            prep = PreparedCall(x, shard, tau, mask, distance)
             acc, frames, tau_acc = prep.acc, prep.frames, prep.tau
             R = frames.shape[0]  # real frames, the same on every rank (mask is replicated)
             y_real = torch.zeros(R, d, dtype=acc, device=x.device)
@@ -264,7 +239,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
             return (None, None, None) + none
         backend = backends.load_backend(ctx.backend_name)
         with torch.autocast(x.device.type, enabled=False):
-            prep = _Prepared(x, shard, tau, mask, ctx.distance)
+            prep = PreparedCall(x, shard, tau, mask, ctx.distance)
             acc, frames, R = prep.acc, prep.frames, prep.frames.shape[0]
             grad_x_real = torch.zeros(R, x.shape[1], dtype=acc, device=x.device)
             grad_shard = torch.zeros(shard.shape, dtype=acc, device=x.device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import softvq_kernels as sk
-from softvq_kernels import chunked
+from softvq_kernels import planning
 from tests.helpers import REL_TOL, assert_grads_close, fp64_oracle, random_problem, rel_err, run_with_grads
 
 
@@ -14,7 +14,7 @@ def test_same_answer_for_every_chunk_size(distance):
     upstream = torch.randn(3, 7, 11, dtype=torch.float64)
     results = []
     for size in (1, 3, 16, 52, 53, 1000):
-        with chunked.options(chunk_size=size):
+        with planning.options(chunk_size=size):
             results.append(run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="chunked", upstream=upstream))
     y0, aux0, grads0 = results[0]
     for y, aux, grads in results[1:]:
@@ -31,7 +31,7 @@ def test_same_answer_for_every_chunk_size(distance):
 def test_every_cpu_dtype_against_fp64_reference(dtype, distance):
     x, codebook, temperature, mask = random_problem((2, 13), 301, 45, dtype, "cpu", masked=True)
     upstream = torch.randn(2, 13, 45)
-    with chunked.options(chunk_size=64):
+    with planning.options(chunk_size=64):
         y, aux, grads = run_with_grads(x, codebook, temperature, distance=distance, mask=mask, backend="chunked", upstream=upstream)
     y_ref, aux_ref, grads_ref = fp64_oracle(x, codebook, temperature, distance=distance, mask=mask, upstream=upstream)
     assert y.dtype == dtype
@@ -44,7 +44,7 @@ def test_every_cpu_dtype_against_fp64_reference(dtype, distance):
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_bad_chunk_options(bad):
     with pytest.raises(ValueError, match="chunk_size"):
-        with chunked.options(chunk_size=bad):
+        with planning.options(chunk_size=bad):
             pass
 
 
