@@ -3,7 +3,7 @@
 Quick start (CPU, ~9 minutes measured on 2 cores, everything made locally):
 
     python -m asr_reference demo                 # data, LM, ASR training, WER in and out of domain
-    python -m asr_reference demo --compare       # vq none / hard / soft, table under asr_reference/results/
+    python -m asr_reference demo --compare       # none / hard / soft / plain / soft-no-ctc, table + bootstrap under asr_reference/results/
 
 Pieces, for your own data (NeMo-style JSON-lines manifests; WAV/FLAC at any rate, resampled on load):
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,11 @@ from asr_reference.model import VQ_MODES, ASRConfig
 
 RESULTS = Path(__file__).with_name("results")
 
-# The embedded default configuration. CPU: sized for the 20-minute budget on a 2-core machine.
+# The embedded default configuration: a fixed number of steps (the results do not depend on the
+# machine's speed; the demo prints how long it expects to take). CPU: one seed; GPU: larger, 3 seeds.
 DEFAULTS = {
-    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "steps": 2000, "batch_size": 8, "train_budget": 570},
-    "cuda": {"n_train": 4800, "lm_steps": 1500, "lm_batch": 64, "steps": 4000, "batch_size": 16, "train_budget": 1800},
+    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "steps": 2000, "batch_size": 8, "seeds": 1},
+    "cuda": {"n_train": 4800, "lm_steps": 1500, "lm_batch": 64, "steps": 4000, "batch_size": 16, "seeds": 3},
 }
 
 
@@ -75,6 +77,16 @@ NONNEG_INT = _ranged(int, 0, what="an integer")
 POSITIVE = _ranged(float, 0.0, low_open=True, what="a number")
 NONNEG = _ranged(float, 0.0, what="a number")
 FRACTION = _ranged(float, 0.0, 1.0, what="a number")
+
+
+def _tau_schedule(text: str) -> str:
+    from asr_reference.train import parse_tau_schedule
+
+    try:
+        parse_tau_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _prompt_template(text: str) -> str:
@@ -152,11 +164,25 @@ def config_from(args, llm, base: ASRConfig | None = None) -> ASRConfig:
     return cfg
 
 
-def cmd_prepare(args) -> None:
-    from asr_reference.data import prepare
+def _condition(text: str):
+    from asr_reference.data import parse_condition
 
+    try:
+        return parse_condition(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_prepare(args) -> None:
+    from asr_reference.data import prepare, render_conditions
+
+    extra = dict(args.ood) if args.ood else None
+    if extra and (Path(args.out) / "test_in.jsonl").is_file():
+        _log(f"prepare: {args.out} is already prepared; making only the --ood sets from its test sentences")
+        render_conditions(args.out, extra, seed=args.seed, log=_log)
+        return
     prepare(args.out, args.text, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,
-            log=_log)
+            log=_log, extra=extra)
 
 
 def cmd_pretrain_lm(args) -> None:
@@ -194,135 +220,125 @@ def cmd_train(args) -> None:
                          lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
                          eval_every=args.eval_every, dev_limit=args.dev_limit,
                          resume=args.resume, time_budget=args.time_budget, stop_after=args.stop_after,
-                         device=args.device), log=_log)
+                         tau_schedule=args.tau_schedule, init_from=args.init_from, device=args.device), log=_log)
 
 
 def cmd_eval(args) -> None:
-    from asr_reference.evaluate import evaluate_run
-
-    overrides = {k: v for k, v in (("llm", args.llm), ("encoder", args.encoder)) if v}
-    res = evaluate_run(args.run, args.manifest, num_beams=args.beams, batch_size=args.batch_size,
-                       device=args.device, limit=args.limit, checkpoint=args.checkpoint, overrides=overrides,
-                       workers=args.workers, max_new_tokens=args.max_new_tokens, out_file=args.out)
-    print(json.dumps(res), flush=True)
-
-
-def _eval_all(run: Path, data: Path, beams: int, device: str) -> dict:
-    from asr_reference.data import test_sets
+    from asr_reference.data import read_manifest
     from asr_reference.evaluate import evaluate
     from asr_reference.train import load_run
 
-    model = load_run(run, device)
-    out = {}
-    for name, manifest in test_sets(data).items():
-        res = evaluate(model, manifest, num_beams=beams, out_file=run / f"hyp_{name}_b{beams}.jsonl")
-        out[name] = res
-        _log(f"eval[{model.cfg.vq}] {name}: WER {100 * res['wer']:.1f}%  CER {100 * res['cer']:.1f}%  "
-             f"({res['n']} utts, {res['seconds']} s)")
-    return out
+    if args.out and len(args.manifest) > 1:
+        raise ASRError(f"--out {args.out}: one file for {len(args.manifest)} manifests; drop --out "
+                       f"(each gets RUN/hyp_<manifest>_b<beams>.jsonl)")
+    for manifest in args.manifest:  # every manifest is checked before the model loads
+        read_manifest(manifest)
+    device = _device(args.device)
+    overrides = {k: v for k, v in (("llm", args.llm), ("encoder", args.encoder)) if v}
+    model = load_run(args.run, device, checkpoint=args.checkpoint, overrides=overrides)
+    for manifest in args.manifest:
+        name = Path(manifest).stem + ("_best" if args.checkpoint == "best" else "")
+        res = evaluate(model, manifest, args.batch_size, args.beams, args.limit,
+                       out_file=args.out or Path(args.run) / f"hyp_{name}_b{args.beams}.jsonl", workers=args.workers,
+                       max_new_tokens=args.max_new_tokens)
+        print(json.dumps(res), flush=True)
 
 
 def cmd_demo(args) -> None:
+    from asr_reference import compare as C
     from asr_reference.data import prepare
     from asr_reference.lm import pretrain_lm
-    from asr_reference.train import TrainArgs, train
 
     t0 = time.time()
+    load_before = C.load_average()
     device = _device(args.device)
-    size = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    on_gpu = device.startswith("cuda")
+    size = DEFAULTS["cuda" if on_gpu else "cpu"]
     data, runs = Path(args.data), Path(args.runs)
     steps = args.steps or size["steps"]
-    if (data / "test_ood_noise.jsonl").is_file() and not args.fresh:
-        _log(f"demo: reusing prepared data in {data} (--fresh to rebuild)")
+    seeds = args.seeds or (size["seeds"] if args.compare else 1)
+    if args.compare:
+        rows = C.resolve_rows(args.rows, args.hard_soft)
     else:
+        rows = [args.vq or "soft"]
+    hard_soft_steps = args.hard_soft_steps or max(1, steps // 4)
+    need_prepare = args.fresh or not (data / "test_ood_noise.jsonl").is_file()
+    need_lm = not args.llm and (args.fresh or not (runs / "lm" / "config.json").is_file())
+    # the step count is fixed: the machine's speed changes how long this takes, never the result
+    plan = (f"{len(rows)} run(s) x {seeds} seed(s), {steps} steps x {size['batch_size']} utterances each"
+            + (f" (hard-soft: +{hard_soft_steps} steps)" if "hard-soft" in rows else ""))
+    if on_gpu:
+        _log(f"demo: {plan} on {device}; no reference timing for GPUs: the measured speed is printed "
+             f"after each run's first steps")
+    else:
+        est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps)
+        _log(f"demo: {plan}; expect about {est / 60:.0f} min on an idle 2-core CPU like the one the README's "
+             f"numbers come from (more on a slower or busy machine: the step count is fixed, so the results "
+             f"are the same, only the time changes; the measured speed is printed after each run's first steps)")
+        if args.time_budget and est > 60 * args.time_budget:
+            _log(f"demo: WARNING: the estimate is more than the --time-budget of {args.time_budget:g} min "
+                 f"(nothing is shortened; use --steps or fewer --rows to make it shorter)")
+    if need_prepare:
         prepare(data, args.text, n_train=size["n_train"], seed=args.seed, log=_log)
+    else:
+        _log(f"demo: reusing prepared data in {data} (--fresh to rebuild)")
     lm = runs / "lm"
     if args.llm:
         lm = Path(args.llm)
         _log(f"demo: using the LLM in {lm} (no LM pretraining)")
-    elif (lm / "config.json").is_file() and not args.fresh:
-        _log(f"demo: reusing pretrained LM in {lm}")
-    else:
+    elif need_lm:
         pretrain_lm(data / "lm_train.txt", lm, steps=size["lm_steps"], batch_size=size["lm_batch"],
                     seed=args.seed, device=device, log=_log)
-    # soft first: the first run trained may be shortened by the time budget, the others then use
-    # the same number of steps so the comparison stays fair
-    modes = ["soft", "hard", "none"] if args.compare else [args.vq]
-    results, summaries = {}, {}
-    for mode in modes:
-        run = runs / f"vq_{mode}"
-        if args.fresh and run.exists():
-            import shutil
-
-            shutil.rmtree(run)
-        args.vq = mode
-        cfg = config_from(args, lm)
-        if (run / "config.json").is_file() and _saved_config(run).to_dict() != cfg.to_dict():
-            import shutil
-
-            _log(f"demo: {run} was made with another configuration; starting it again")
-            shutil.rmtree(run)
-        resume = (run / "checkpoint.pt").is_file()
-        first = not summaries
-        summaries[mode] = train(cfg, TrainArgs(train=str(data / "train.jsonl"), run=str(run), steps=steps,
-                                               batch_size=size["batch_size"], lr=args.lr, warmup=args.warmup,
-                                               seed=args.seed, resume=resume,
-                                               time_budget=size["train_budget"] if first else None,
-                                               device=device), log=_log)
-        steps = summaries[mode]["steps"]
-        results[mode] = _eval_all(run, data, args.beams, device)
+    else:
+        _log(f"demo: reusing pretrained LM in {lm}")
+    if args.fresh:
+        for row in rows:
+            for k in range(seeds):
+                if C.run_dir(runs, row, k).exists():
+                    shutil.rmtree(C.run_dir(runs, row, k))
+    args.vq = None
+    base = config_from(args, lm)
+    results: dict = {}
+    summaries = []
+    for k in range(seeds):
+        for row in rows:
+            run, summary = C.train_row(row, k, base_cfg=base, runs=runs, data=data, steps=steps,
+                                       batch_size=size["batch_size"], lr=args.lr, warmup=args.warmup, seed=args.seed,
+                                       device=device, tau_schedule=args.tau_schedule,
+                                       hard_soft_steps=hard_soft_steps, log=_log)
+            summaries.append(summary)
+            results.setdefault(row, []).append(C.eval_run(run, data, args.beams, device, log=_log))
     elapsed = time.time() - t0
-    for mode in modes:
-        ind = results[mode]["test_in"]["wer"]
-        ood = [r["wer"] for k, r in results[mode].items() if k != "test_in"]
-        _log(f"demo[{mode}]: WER in-domain {100 * ind:.1f}% | out-of-domain "
-             + ", ".join(f"{k[9:]} {100 * r['wer']:.1f}%" for k, r in results[mode].items() if k != "test_in")
-             + f" (mean {100 * sum(ood) / len(ood):.1f}%)")
+    for row in rows:
+        for k, res in enumerate(results[row]):
+            ood = [r["wer"] for name, r in res.items() if name != "test_in"]
+            _log(f"demo[{row}{f' seed {k}' if seeds > 1 else ''}]: WER in-domain {100 * res['test_in']['wer']:.1f}%"
+                 + (" | out-of-domain " + ", ".join(f"{name[9:]} {100 * r['wer']:.1f}%" for name, r in res.items()
+                                                    if name != "test_in") + f" (mean {100 * sum(ood) / len(ood):.1f}%)"
+                    if ood else ""))
     _log(f"demo: total {elapsed / 60:.1f} min on {device}")
     if args.compare:
-        write_compare(results, summaries, elapsed, device, " ".join(["python", "-m", "asr_reference", *sys.argv[1:]]),
-                      Path(args.results))
+        setup = (f"{'GPU' if on_gpu else 'CPU'} default config: {steps} steps x {size['batch_size']} utterances per run "
+                 f"(fixed, whatever the machine's speed), lr {args.lr}, warm-up {args.warmup}, {seeds} seed(s) "
+                 f"(training seeds {args.seed}..{args.seed + seeds - 1}; data and LM from seed {args.seed}); data "
+                 f"`{data}`, LLM `{lm}` (frozen); greedy decoding (beams {args.beams}). Rows: " + "; ".join(
+                     f"`{r}` = {ROW_TEXT[r]}" for r in rows)
+                 + (f"; hard-soft: {hard_soft_steps} more steps from the hard run"
+                    + (f", tau schedule {args.tau_schedule}" if args.tau_schedule else "")
+                    if "hard-soft" in rows else "") + ".")
+        meta = {"command": " ".join(["python", "-m", "asr_reference", *args.argv]), "device": device, "machine": C.machine(), "load_before": load_before,
+                "minutes": round(elapsed / 60, 1), "seeds": seeds, "steps": steps, "rows": rows, "setup": setup}
+        C.write_compare(results, summaries, meta, Path(args.results), log=_log)
 
 
-def write_compare(results: dict, summaries: dict, elapsed: float, device: str, command: str, out: Path) -> None:
-    """JSON + markdown + bar plot of WER per mode per test set."""
-    import platform
-
-    out.mkdir(parents=True, exist_ok=True)
-    sets = list(next(iter(results.values())).keys())
-    payload = {"command": command, "device": device, "platform": platform.platform(),
-               "minutes": round(elapsed / 60, 1), "train": summaries, "results": results}
-    (out / "compare.json").write_text(json.dumps(payload, indent=1))
-    lines = ["# LLM-ASR: WER (%) by VQ mode and test set", "",
-             f"Command: `{command}` ({device}, {elapsed / 60:.1f} min in all).", "",
-             "| vq | " + " | ".join(sets) + " | mean OOD |", "|---|" + "---:|" * (len(sets) + 1)]
-    for mode, res in results.items():
-        ood = [res[s]["wer"] for s in sets if s != "test_in"]
-        lines.append(f"| {mode} | " + " | ".join(f"{100 * res[s]['wer']:.1f}" for s in sets)
-                     + f" | {100 * sum(ood) / len(ood):.1f} |")
-    lines += ["", "CER (%):", "", "| vq | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
-    for mode, res in results.items():
-        lines.append(f"| {mode} | " + " | ".join(f"{100 * res[s]['cer']:.1f}" for s in sets) + " |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4))
-        w = 0.8 / len(results)
-        for k, (mode, res) in enumerate(results.items()):
-            ax.bar([i + k * w for i in range(len(sets))], [100 * res[s]["wer"] for s in sets], w, label=f"vq={mode}")
-        ax.set_xticks([i + w * (len(results) - 1) / 2 for i in range(len(sets))], sets)
-        ax.set_ylabel("WER (%)")
-        ax.set_title("LLM-ASR on espeak-ng speech: WER by VQ mode")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "compare.png", dpi=120)
-    except ImportError:
-        _log("demo: matplotlib missing, no plot")
-    _log(f"demo: wrote {out / 'compare.md'}, compare.json, compare.png")
+ROW_TEXT = {
+    "none": "token CTC + collapse, the LLM reads the continuous frames",
+    "hard": "token CTC + collapse, the LLM reads the argmax code (constant)",
+    "soft": "token CTC + collapse, the LLM reads the soft mixture of codebook rows",
+    "plain": "standard LLM-ASR (SLAM-ASR style): projector frames straight into the LLM, next-token loss only",
+    "soft-no-ctc": "plain + soft VQ (next-token and commitment losses only, no collapse)",
+    "hard-soft": "the hard run continued as soft VQ",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-dev", type=POSITIVE_INT, default=100)
     p.add_argument("--n-test", type=POSITIVE_INT, default=120)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ood", nargs="+", type=_condition, default=None, metavar="NAME=VOICES[:opt=value...]",
+                   help="extra out-of-domain test sets of the test sentences, e.g. 'phone=en-us+m3,en-us+f2:sox=telephone' "
+                        "'echo=en-us+f2:sox=reverb' 'fast=en-us+m3:rate=260' 'speed=en-us+f2:sox=speed 1.2' "
+                        "'loud=en-us+m3:snr=0' (options rate=WPM, pitch=0..99, snr=DB, sox=telephone|reverb|fast|slow|"
+                        "any sox effect chain, joined with +); on an already prepared --out only these sets are made")
     p.set_defaults(fn=cmd_prepare)
 
     p = command("pretrain-lm", "BPE tokenizer + small Llama-style LM on text")
@@ -377,7 +398,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=POSITIVE_INT, default=100)
     p.add_argument("--eval-every", type=POSITIVE_INT, default=500, help="steps between dev evaluations")
     p.add_argument("--dev-limit", type=POSITIVE_INT, default=None, help="decode only the first N dev utterances")
-    p.add_argument("--time-budget", type=POSITIVE, default=None, help="seconds; fewer steps if needed")
+    p.add_argument("--time-budget", type=POSITIVE, default=None,
+                   help="seconds: warn when the measured ETA exceeds it (the step count never changes)")
+    p.add_argument("--tau-schedule", type=_tau_schedule, default=None, metavar="START:END",
+                   help="anneal the VQ temperature geometrically from START to END over the run (overrides a learned one)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start a new run from another run's weights, e.g. a hard-VQ run continued with --vq soft")
     p.add_argument("--stop-after", type=POSITIVE_INT, default=None, help="stop at this step (checkpointed)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -387,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = command("eval", "WER/CER of a run on a manifest (JSON line, wer and cer last)")
     p.add_argument("--run", required=True)
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest", required=True, nargs="+", help="one or more manifests (one JSON line each)")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last",
                    help="best = best.pt, kept by dev WER during training")
     p.add_argument("--llm", default=None, help="the run's LLM from another folder (e.g. moved)")
@@ -403,13 +429,26 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_eval)
 
     p = command("demo", "everything end to end on the embedded default")
-    p.add_argument("--compare", action="store_true", help="train vq none, hard and soft; write the table")
+    p.add_argument("--compare", action="store_true",
+                   help="train every row (none, hard, soft, plain, soft-no-ctc); write the table with bootstrap intervals")
+    p.add_argument("--rows", nargs="+", choices=("none", "hard", "soft", "plain", "soft-no-ctc", "hard-soft"), default=None,
+                   help="--compare: these rows only (default none hard soft plain soft-no-ctc)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=None,
+                   help="--compare: training seeds per row, mean ± std per cell (default 1 on CPU, 3 on GPU)")
+    p.add_argument("--hard-soft", action="store_true",
+                   help="--compare: add the hard-soft row (the hard run continued as soft VQ)")
+    p.add_argument("--hard-soft-steps", type=POSITIVE_INT, default=None, help="its extra steps (default steps/4)")
+    p.add_argument("--tau-schedule", type=_tau_schedule, default=None, metavar="START:END",
+                   help="hard-soft row: anneal the temperature from START to END")
+    p.add_argument("--time-budget", type=POSITIVE, default=None,
+                   help="minutes: warn when the estimate exceeds it (nothing is shortened)")
     p.add_argument("--llm", default=None, help="an HF causal-LM folder instead of pretraining the small LM")
     p.add_argument("--data", default="data/demo")
     p.add_argument("--runs", default="runs/demo")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--text", default=None)
-    p.add_argument("--steps", type=POSITIVE_INT, default=None)
+    p.add_argument("--steps", type=POSITIVE_INT, default=None,
+                   help=f"steps per run (default {DEFAULTS['cpu']['steps']} on CPU, {DEFAULTS['cuda']['steps']} on GPU; fixed)")
     p.add_argument("--beams", type=POSITIVE_INT, default=1)
     p.add_argument("--lr", type=POSITIVE, default=2e-3)
     p.add_argument("--warmup", type=NONNEG_INT, default=50)
@@ -420,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_demo)
 
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         from transformers.utils import logging as hf_logging
 

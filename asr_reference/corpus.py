@@ -1,6 +1,6 @@
 """The embedded default text: simple English sentences from a small, project-authored grammar.
 
-Licence: the word lists and templates below, and the file they generate (``corpus/sentences.txt``),
+Licence: the word lists below, the sentence templates in ``corpus/templates.txt`` and the file they generate (``corpus/sentences.txt``),
 were written for this project and are released under the project's licence (Apache-2.0); no third-party
 text is involved, so the corpus may be redistributed freely. Any other text works in its place:
 ``python -m asr_reference prepare --text my_book.txt`` (one sentence per line, or running text that is
@@ -12,6 +12,7 @@ Regenerate the committed file with ``python -m asr_reference.corpus`` (determini
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 CORPUS_FILE = Path(__file__).with_name("corpus") / "sentences.txt"
@@ -71,34 +72,54 @@ def _animal(r: random.Random) -> str:
     return f"the {r.choice(ADJ)} {r.choice(ANIMALS)}" if r.random() < 0.5 else f"the {r.choice(ANIMALS)}"
 
 
-def sentence(r: random.Random) -> str:
-    t = r.randrange(12)
-    past = r.random() < 0.5
+TEMPLATES_FILE = Path(__file__).with_name("corpus") / "templates.txt"
+_SLOT = re.compile(r"\{([^{}]+)\}")
+
+
+def read_templates(path: str | Path = TEMPLATES_FILE) -> list[str]:
+    """The sentence templates: one per line, ``#`` comments and blank lines skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+TEMPLATES = read_templates()
+
+
+def _slots(r: random.Random, past: bool) -> dict:
+    """Slot name -> a function drawing its text (in the order the template names the slots)."""
     v = 1 if past else 0
-    if t == 0:
-        s = f"{_who(r)} {r.choice(VERBS_T)[v]} {_thing(r)}"
-    elif t == 1:
-        s = f"{_who(r)} {r.choice(VERBS_T)[v]} {_thing(r)} at {r.choice(PLACES)}"
-    elif t == 2:
-        s = f"{_who(r)} {r.choice(VERBS_P)[v]} {_who(r)} {r.choice(TIMES)}"
-    elif t == 3:
-        s = f"{_who(r)} {r.choice(VERBS_I)[v]} to {r.choice(PLACES)} {r.choice(TIMES)}"
-    elif t == 4:
-        s = f"{_animal(r)} {'was' if past else 'is'} {r.choice(('near', 'behind', 'under', 'in front of'))} {r.choice(PLACES)}"
-    elif t == 5:
-        s = f"{r.choice(TIMES)} {r.choice(WEATHER)}"
-    elif t == 6:
-        s = f"{_who(r)} {'was' if past else 'is'} {r.choice(FEEL)} because {r.choice(WEATHER)}"
-    elif t == 7:
-        s = f"there {'were' if past else 'are'} {r.choice(NUMBERS)} {r.choice(ANIMALS)}s in {r.choice(PLACES)}"
-    elif t == 8:
-        s = f"{_who(r)} {r.choice(VERBS_P)[v]} {_animal(r)} near {r.choice(PLACES)}"
-    elif t == 9:
-        s = f"{_thing(r, plural_ok=False)} {'was' if past else 'is'} {r.choice(('on', 'under', 'next to', 'behind'))} the {r.choice(THINGS)}"
-    elif t == 10:
-        s = f"{_who(r)} and {_who(r)} {'went' if past else 'go'} to {r.choice(PLACES)} {r.choice(TIMES)}"
-    else:
-        s = f"please {r.choice(('bring', 'open', 'clean', 'take', 'find', 'fix'))} {_thing(r)} {r.choice(TIMES)}"
+    return {
+        "who": lambda: _who(r), "thing": lambda: _thing(r), "thing1": lambda: _thing(r, plural_ok=False),
+        "animal": lambda: _animal(r), "animal_noun": lambda: r.choice(ANIMALS), "thing_noun": lambda: r.choice(THINGS),
+        "place": lambda: r.choice(PLACES), "time": lambda: r.choice(TIMES), "weather": lambda: r.choice(WEATHER),
+        "feel": lambda: r.choice(FEEL), "number": lambda: r.choice(NUMBERS),
+        "verb_t": lambda: r.choice(VERBS_T)[v], "verb_p": lambda: r.choice(VERBS_P)[v],
+        "verb_i": lambda: r.choice(VERBS_I)[v],
+        "be": lambda: "was" if past else "is", "are": lambda: "were" if past else "are",
+        "go": lambda: "went" if past else "go",
+    }
+
+
+def fill(template: str, r: random.Random, past: bool) -> str:
+    """A template with its slots filled left to right; ``{a|b}`` picks one alternative."""
+    slots = _slots(r, past)
+
+    def one(m: re.Match) -> str:
+        name = m.group(1)
+        if "|" in name:
+            return r.choice(tuple(name.split("|")))
+        if name not in slots:
+            raise ValueError(f"template {template!r}: unknown slot {{{name}}}")
+        return slots[name]()
+
+    return _SLOT.sub(one, template)
+
+
+def sentence(r: random.Random, templates: list[str] | None = None) -> str:
+    templates = TEMPLATES if templates is None else templates
+    t = r.randrange(len(templates))
+    past = r.random() < 0.5
+    s = fill(templates[t], r, past)
     return s[0].upper() + s[1:] + r.choice((".", ".", ".", "!", "?"))[:1]
 
 

@@ -25,7 +25,7 @@ import torch
 import torchaudio.functional as AF
 
 from asr_reference.audio import audio_info, read_audio
-from asr_reference.errors import AudioError, ManifestError
+from asr_reference.errors import ASRError, AudioError, ManifestError
 
 SAMPLE_RATE = 16000
 # a manifest duration further than 0.1 s + 5% from the file's own length means a truncated or wrong file
@@ -98,10 +98,79 @@ class Voice:
     rate: int = 165  # words per minute
     pitch: int = 50  # 0..99
     snr_db: float | None = None  # additive noise, None = clean
+    sox: str | None = None  # sox effects applied to the 16 kHz speech before the noise, e.g. "reverb 50"
 
 
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
+
+
+# named sox effect chains for ``prepare --ood`` (anything else after sox= is passed to sox as written)
+SOX_PRESETS = {
+    "telephone": "highpass 300 lowpass 3400 rate 8000",  # narrow band, 8 kHz, back to 16 kHz after
+    "reverb": "reverb 50 50 100",
+    "fast": "speed 1.25",
+    "slow": "speed 0.8",
+}
+
+
+def sox_available() -> bool:
+    return shutil.which("sox") is not None
+
+
+def apply_sox(audio: torch.Tensor, effects: str) -> torch.Tensor:
+    """Run a 16 kHz waveform through ``sox in.wav out.wav EFFECTS rate 16000`` (presets by name)."""
+    if not sox_available():
+        raise ASRError("sox is not installed (needed for sox= conditions): apt-get install -y sox")
+    chain = " ".join(SOX_PRESETS.get(e, e) for e in effects.split("+")).split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
+        write_wav(src, audio)
+        res = subprocess.run(["sox", str(src), str(dst), *chain, "channels", "1", "rate", str(SAMPLE_RATE)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ASRError(f"sox effects {effects!r} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        out, sr = read_wav(dst)
+    return out
+
+
+def parse_condition(spec: str) -> tuple[str, tuple[Voice, ...]]:
+    """``NAME=VOICE[,VOICE...][:rate=WPM][:pitch=P][:snr=DB][:sox=EFFECTS]`` -> ("test_ood_NAME", voices).
+
+    EFFECTS: a preset (telephone, reverb, fast, slow) or a sox effect chain as written ("speed 1.1",
+    "highpass 300 lowpass 3400"); several joined with "+" ("telephone+reverb"). Each voice gets the
+    same rate/pitch/snr/effects; sentences go round robin over the voices.
+    """
+    name, sep, rest = spec.partition("=")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not rest.strip():
+        raise ValueError(f"condition {spec!r}: expected NAME=VOICE[,VOICE...][:key=value...] "
+                         f"(NAME of letters, digits, _ or -)")
+    voices_part, *opts = rest.split(":")
+    voices = [v.strip() for v in voices_part.split(",") if v.strip()]
+    if not voices:
+        raise ValueError(f"condition {spec!r}: no espeak-ng voice given")
+    kw: dict = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key, value = key.strip(), value.strip()
+        try:
+            if key == "rate":
+                kw["rate"] = int(value)
+            elif key == "pitch":
+                kw["pitch"] = int(value)
+            elif key == "snr":
+                kw["snr_db"] = float(value)
+            elif key == "sox" and value:
+                kw["sox"] = value
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"condition {spec!r}: bad option {opt!r} (rate=WPM, pitch=0..99, snr=DB, sox=EFFECTS)") from None
+    if not 80 <= kw.get("rate", 165) <= 450 or not 0 <= kw.get("pitch", 50) <= 99:
+        raise ValueError(f"condition {spec!r}: rate must be 80..450 wpm and pitch 0..99")
+    prefix = "" if name.startswith("test_") else "test_ood_"
+    return prefix + name, tuple(Voice(v, **kw) for v in voices)
 
 
 def synthesize(text: str, voice: Voice, seed: int = 0) -> torch.Tensor:
@@ -113,6 +182,8 @@ def synthesize(text: str, voice: Voice, seed: int = 0) -> torch.Tensor:
                         "-w", tmp.name, text], check=True, capture_output=True)
         audio, sr = read_wav(tmp.name)
     audio = AF.resample(audio, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else audio
+    if voice.sox:
+        audio = apply_sox(audio, voice.sox)
     if voice.snr_db is not None:
         audio = add_noise(audio, voice.snr_db, torch.Generator().manual_seed(seed))
     peak = audio.abs().max().clamp_min(1e-6)
@@ -265,7 +336,7 @@ def render_set(sentences: list[str], voices, out_dir: Path, name: str, workers: 
 
 def prepare(out_dir: str | Path, text_file: str | Path | None = None, n_train: int = 2400,
             n_dev: int = 100, n_test: int = 120, seed: int = 0, workers: int = 4,
-            log=print) -> dict[str, Path]:
+            log=print, extra: dict[str, tuple[Voice, ...]] | None = None) -> dict[str, Path]:
     """Make the whole data set: text splits, in-domain train/dev/test and the out-of-domain tests.
 
     Writes ``out_dir/{train,dev,test_in,test_ood_*}.jsonl``, ``out_dir/wav/...`` and the text files
@@ -289,6 +360,8 @@ def prepare(out_dir: str | Path, text_file: str | Path | None = None, n_train: i
         render_set(test, voices, out_dir, name, workers, seed=seed + 3 + k)
     for name in ("train", "dev", "test_in", *OUT_OF_DOMAIN):
         manifests[name] = out_dir / f"{name}.jsonl"
+    if extra:
+        manifests.update(render_conditions(out_dir, extra, test, workers, seed, log))
     (out_dir / "splits.json").write_text(json.dumps(
         {"source": str(text_file or CORPUS_FILE), "train": len(train), "dev": len(dev), "test": len(test),
          "in_domain": [v.__dict__ for v in IN_DOMAIN],
@@ -298,10 +371,40 @@ def prepare(out_dir: str | Path, text_file: str | Path | None = None, n_train: i
     return manifests
 
 
+def render_conditions(out_dir: str | Path, conditions: dict[str, tuple[Voice, ...]], sentences: list[str] | None = None,
+                      workers: int = 4, seed: int = 0, log=print) -> dict[str, Path]:
+    """Extra out-of-domain test sets (from :func:`parse_condition`) of the test sentences: given, or
+    read back from ``out_dir/test_in.jsonl`` of an already prepared folder."""
+    out_dir = Path(out_dir)
+    if sentences is None:
+        test_in = out_dir / "test_in.jsonl"
+        if not test_in.is_file():
+            raise ASRError(f"{test_in}: not found (prepare the folder first, or give --ood with the full prepare)")
+        sentences = [r["text"] for r in read_manifest(test_in, check_audio=False)]
+    if any(v.sox for vs in conditions.values() for v in vs) and not sox_available():
+        raise ASRError("sox is not installed (needed for sox= conditions): apt-get install -y sox")
+    out = {}
+    for k, (name, voices) in enumerate(conditions.items()):
+        render_set(sentences, voices, out_dir, name, workers, seed=seed + 100 + k)
+        out[name] = out_dir / f"{name}.jsonl"
+        log(f"prepare: {name}: {len(sentences)} utterances, " + ", ".join(
+            v.name + "".join(f" {k}={val}" for k, val in (("rate", v.rate), ("pitch", v.pitch), ("snr", v.snr_db),
+                                                          ("sox", v.sox)) if val is not None) for v in voices))
+    conditions_file = out_dir / "conditions.json"
+    saved = json.loads(conditions_file.read_text()) if conditions_file.is_file() else {}
+    saved.update({name: [v.__dict__ for v in vs] for name, vs in conditions.items()})
+    conditions_file.write_text(json.dumps(saved, indent=1))
+    return out
+
+
 def test_sets(data_dir: str | Path) -> dict[str, Path]:
-    """The test manifests of a prepared folder, in-domain first."""
+    """The test manifests of a prepared folder: in-domain first, the default out-of-domain sets, then any
+    made by ``prepare --ood`` (listed in ``conditions.json``)."""
     data_dir = Path(data_dir)
     names = ["test_in", *OUT_OF_DOMAIN]
+    conditions_file = data_dir / "conditions.json"
+    if conditions_file.is_file():
+        names += [n for n in json.loads(conditions_file.read_text()) if n not in names]
     return {n: data_dir / f"{n}.jsonl" for n in names if (data_dir / f"{n}.jsonl").is_file()}
 
 

@@ -111,7 +111,14 @@ class TrainArgs:
     eval_every: int = 500
     dev_limit: int | None = None  # decode only the first N dev utterances
     resume: bool = False
-    time_budget: float | None = None  # seconds: shrink `steps` after calibrating the speed
+    # seconds: after the first steps, log the measured ETA and warn when it exceeds this; the step count
+    # never changes (results must not depend on the machine's speed)
+    time_budget: float | None = None
+    # "START:END": set the VQ temperature each step, geometrically from START to END over the run
+    # (overrides a learnable temperature); None = the model's own (learned or fixed) temperature
+    tau_schedule: str | None = None
+    # a run folder whose trained weights (checkpoint.pt) start this new run, e.g. hard VQ -> soft VQ
+    init_from: str | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step: simulates a kill
     device: str = "auto"
     quiet: bool = False
@@ -125,6 +132,26 @@ class TrainArgs:
             raise ValueError(f"batch_seconds must be > 0, got {self.batch_seconds}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.tau_schedule is not None:
+            parse_tau_schedule(self.tau_schedule)
+
+
+def parse_tau_schedule(text: str) -> tuple[float, float]:
+    """"START:END" -> (start, end), both > 0."""
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"tau schedule must be START:END (two positive numbers), got {text!r}") from None
+    if not (start > 0 and end > 0):
+        raise ValueError(f"tau schedule values must be > 0, got {text!r}")
+    return start, end
+
+
+def tau_at(schedule: tuple[float, float], step: int, total: int) -> float:
+    """Geometric interpolation: START at step 0, END at the last step."""
+    start, end = schedule
+    frac = min(1.0, step / max(1, total - 1))
+    return start * (end / start) ** frac
 
 
 def _dist_info():
@@ -200,6 +227,18 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     dev = None
     if dev_rows is not None:
         dev = AudioDataset(args.dev, sample_rate=model.sample_rate, max_seconds=model.max_seconds, rows=dev_rows)
+    if args.init_from and state is None:
+        init_ckpt = Path(args.init_from) / "checkpoint.pt"
+        init = read_checkpoint(init_ckpt, map_location=device)
+        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        bad = [k for k in missing if not k.startswith(model.frozen_prefixes())] + list(unexpected)
+        if bad:
+            raise CheckpointError(f"{init_ckpt}: --init-from weights do not match this model: {bad[:5]}")
+        if rank == 0 and not args.quiet:
+            log(f"train: initialised from {init_ckpt} (vq={init['config'].get('vq')}, step {init.get('step')})")
+    schedule = parse_tau_schedule(args.tau_schedule) if args.tau_schedule else None
+    if schedule and model.vq is None:
+        raise ValueError("tau_schedule needs a VQ (vq soft/hard or a token CTC)")
     total_p, train_p = count_params(model)
     if rank == 0 and not args.quiet:
         log(f"train: {len(data)} utterances ({sum(data.seconds) / 3600:.2f} h), vq={cfg.vq}, "
@@ -302,13 +341,18 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     logf = open(run / "train_log.jsonl", "a") if rank == 0 else None
     model.train()
     t0 = time.time()
-    calibrated = state is not None or args.time_budget is None
+    calibrated = False
+    start_step = step
+    # the speed is measured over the first 8 steps (fewer in a shorter run, so it is always reported)
+    calibrate_at = start_step + max(1, min(8, total_steps - start_step - 1))
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{cfg.vq}]", mininterval=5,
                disable=(rank != 0 or args.quiet) or None)
     last = {}
     stream = micro_batches()
     while step < total_steps and (args.stop_after is None or step < args.stop_after):
         opt.zero_grad(set_to_none=True)
+        if schedule:
+            model.vq.temperature = tau_at(schedule, step, total_steps)
         for micro in range(args.grad_accum):
             wav, lens, texts = next(stream)
             # DDP: all-reduce the gradients once, on the last micro-batch
@@ -330,15 +374,16 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
             if logf:
                 logf.write(json.dumps(last) + "\n")
                 logf.flush()
-        if not calibrated and step == 8:
-            per_step = (time.time() - t0) / step
-            budget_steps = int(args.time_budget / per_step)
-            total_steps = max(step + 1, min(total_steps, budget_steps))
-            sched.lr_lambdas[0] = lr_lambda(args.warmup, total_steps)
-            bar.total = total_steps
+        if not calibrated and step == calibrate_at:
             calibrated = True
+            per_step = (time.time() - t0) / (step - start_step)
+            eta = per_step * (total_steps - step)
             if rank == 0 and not args.quiet:
-                log(f"train: {per_step:.2f} s/step -> {total_steps} steps fit the {args.time_budget:.0f} s budget")
+                msg = (f"train[{cfg.vq}]: {per_step:.2f} s/step measured -> {total_steps - step} more steps take "
+                       f"about {eta / 60:.1f} min (the step count is fixed; a slower machine only takes longer)")
+                if args.time_budget is not None and eta > args.time_budget:
+                    msg += f"; WARNING: more than the {args.time_budget:.0f} s time budget"
+                log(msg)
         if args.dev and (step % args.eval_every == 0 or step == total_steps):
             dev_eval()
         if step % args.save_every == 0 or step == total_steps or step == args.stop_after:
@@ -346,7 +391,7 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     bar.close()
     if logf:
         logf.close()
-    summary = {"run": str(run), "vq": cfg.vq, "steps": step, "epochs": round(epoch + pos / max(1, n_batches), 2),
+    summary = {"run": str(run), "vq": cfg.vq, "steps": step, "trained_steps": step - start_step, "epochs": round(epoch + pos / max(1, n_batches), 2),
                "seconds": round(time.time() - t0, 1),
                **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "tctc", "vq", "ppl")}}
     if best_wer is not None:
