@@ -430,9 +430,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = command("demo", "everything end to end on the embedded default")
     p.add_argument("--compare", action="store_true",
-                   help="train every row (none, hard, soft, plain, soft-no-ctc); write the table with bootstrap intervals")
+                   help="train every row (soft, plain, none, hard, soft-no-ctc); write the table with bootstrap intervals")
     p.add_argument("--rows", nargs="+", choices=("none", "hard", "soft", "plain", "soft-no-ctc", "hard-soft"), default=None,
-                   help="--compare: these rows only (default none hard soft plain soft-no-ctc)")
+                   help="--compare: these rows only (default soft plain none hard soft-no-ctc)")
     p.add_argument("--seeds", type=POSITIVE_INT, default=None,
                    help="--compare: training seeds per row, mean ± std per cell (default 1 on CPU, 3 on GPU)")
     p.add_argument("--hard-soft", action="store_true",

@@ -32,7 +32,7 @@ ROWS = {
     "soft-no-ctc": {"vq": "soft", "token_ctc_weight": 0.0, "compress": False, "ctc_weight": 0.0},
     "hard-soft": {"vq": "soft"},
 }
-DEFAULT_ROWS = ("none", "hard", "soft", "plain", "soft-no-ctc")
+DEFAULT_ROWS = ("soft", "plain", "none", "hard", "soft-no-ctc")  # the system, the standard baseline, the rest
 # (a, b): the pairs the report draws conclusions from, WER(a) - WER(b); negative = a is better
 PAIRS = (("soft", "none"), ("soft", "plain"), ("hard", "none"), ("soft-no-ctc", "plain"), ("soft", "soft-no-ctc"),
          ("hard-soft", "soft"), ("hard-soft", "hard"))

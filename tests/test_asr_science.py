@@ -142,7 +142,7 @@ def test_analyse_and_markdown(tmp_path):
 def test_resolve_rows():
     from asr_reference.compare import resolve_rows
 
-    assert resolve_rows(None) == ["none", "hard", "soft", "plain", "soft-no-ctc"]
+    assert resolve_rows(None) == ["soft", "plain", "none", "hard", "soft-no-ctc"]
     assert resolve_rows(None, hard_soft=True)[-1] == "hard-soft"
     assert resolve_rows(["soft"], hard_soft=True) == ["soft", "hard", "hard-soft"]
     assert resolve_rows(["hard-soft", "hard"]) == ["hard", "hard-soft"]
@@ -152,7 +152,7 @@ def test_rows_define_the_baselines():
     from asr_reference.compare import DEFAULT_ROWS, ROWS
     from asr_reference.model import ASRConfig
 
-    assert DEFAULT_ROWS == ("none", "hard", "soft", "plain", "soft-no-ctc")
+    assert DEFAULT_ROWS == ("soft", "plain", "none", "hard", "soft-no-ctc")
     plain = ASRConfig(**{**ASRConfig().to_dict(), **ROWS["plain"]})
     assert (plain.vq, plain.token_ctc_weight, plain.compress, plain.ctc_weight) == ("none", 0.0, False, 0.0)
     snc = ASRConfig(**{**ASRConfig().to_dict(), **ROWS["soft-no-ctc"]})
