@@ -343,8 +343,11 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     t0 = time.time()
     calibrated = False
     start_step = step
-    # the speed is measured over the first 8 steps (fewer in a shorter run, so it is always reported)
-    calibrate_at = start_step + max(1, min(8, total_steps - start_step - 1))
+    # the speed is measured over 8 steps after the first 2 (whose one-off start-up costs, a minute on a
+    # busy CPU, would make the ETA far too long); a shorter run measures what it has, so it always reports
+    warm_at = start_step + (2 if total_steps - start_step > 4 else 0)
+    calibrate_at = min(warm_at + 8, max(start_step + 1, total_steps - 1))
+    t_warm = t0
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{cfg.vq}]", mininterval=5,
                disable=(rank != 0 or args.quiet) or None)
     last = {}
@@ -374,9 +377,11 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
             if logf:
                 logf.write(json.dumps(last) + "\n")
                 logf.flush()
+        if step == warm_at:
+            t_warm = time.time()
         if not calibrated and step == calibrate_at:
             calibrated = True
-            per_step = (time.time() - t0) / (step - start_step)
+            per_step = (time.time() - t_warm) / max(1, step - warm_at)
             eta = per_step * (total_steps - step)
             if rank == 0 and not args.quiet:
                 msg = (f"train[{cfg.vq}]: {per_step:.2f} s/step measured -> {total_steps - step} more steps take "
