@@ -10,7 +10,9 @@ unset                 build it only when torch with CUDA, nvcc *and a visible GP
 torch must be importable at build time, so install with ``pip install --no-build-isolation .`` (an
 isolated build environment has no torch: the extension is then skipped with a note, or the build fails
 under SOFTVQ_BUILD_CUDA=1). Targets: $TORCH_CUDA_ARCH_LIST, by default "8.0;9.0+PTX" (sm_80, sm_90,
-and PTX for newer GPUs).
+and PTX for newer GPUs). With "9.0a" among them (e.g. "8.0;9.0a") and CUTLASS headers found
+($CUTLASS_PATH or the nvidia-cutlass wheel), the CUTLASS wgmma/TMA GEMM for sm_90a is built in too
+(opt-in at run time: SOFTVQ_CUDA_GEMM=cutlass); without the headers it is left out with a note.
 """
 
 import importlib.util
@@ -94,11 +96,16 @@ def cuda_extension():
         f"{os.environ['TORCH_CUDA_ARCH_LIST']} (torch {torch.__version__}, CUDA {torch.version.cuda}"
         f"{', ninja' if use_ninja else ', no ninja: serial build'})"
     )
+    sources, includes, cutlass_flags = helpers.extension_parts(os.environ["TORCH_CUDA_ARCH_LIST"])
+    if cutlass_flags:
+        _note(f"with the CUTLASS GEMMs {' '.join(cutlass_flags)} (headers: {includes[0]})")
     extension = cpp_extension.CUDAExtension(
         name="softvq_kernels._cuda",
-        sources=[f"csrc/{name}" for name in helpers.SOURCES],
+        sources=[f"csrc/{name}" for name in sources],
         depends=[f"csrc/{name}" for name in helpers.HEADERS],
-        extra_compile_args={"cxx": list(helpers.CXX_FLAGS), "nvcc": list(helpers.NVCC_FLAGS)},
+        include_dirs=includes,
+        extra_compile_args={"cxx": list(helpers.CXX_FLAGS) + cutlass_flags,
+                            "nvcc": list(helpers.NVCC_FLAGS) + cutlass_flags},
     )
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
 

@@ -264,6 +264,25 @@ std::tuple<at::Tensor, at::Tensor> codebook_stats(const at::Tensor& x_in, const 
   return {counts, sums};
 }
 
+// The bare product softvq::gemm, for tests and benchmarks of its implementations: C (M, N) fp32 with unit
+// column stride = alpha * A (M, K) B (N, K)^T (+ C), A and B of one compute type, each with one unit stride.
+void gemm_product(const at::Tensor& A, const at::Tensor& B, at::Tensor& C, double alpha, bool accumulate) {
+  TORCH_CHECK(SOFTVQ_ON_DEVICE(A) && SOFTVQ_ON_DEVICE(B) && SOFTVQ_ON_DEVICE(C), "gemm runs on CUDA tensors only");
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && C.dim() == 2 && A.size(1) == B.size(1) && C.size(0) == A.size(0) &&
+                  C.size(1) == B.size(0),
+              "gemm: A (M, K), B (N, K), C (M, N)");
+  TORCH_CHECK(A.scalar_type() == B.scalar_type() && C.scalar_type() == at::kFloat && C.stride(1) == 1,
+              "gemm: A and B of one dtype, C float32 with unit column stride");
+  TORCH_CHECK((A.stride(0) == 1 || A.stride(1) == 1) && (B.stride(0) == 1 || B.stride(1) == 1),
+              "gemm: each operand needs one unit stride");
+  SOFTVQ_DEVICE_GUARD(A);
+  softvq::gemm(dtype_of(A.scalar_type()), A.size(0), B.size(0), A.size(1),
+               softvq::Operand{A.data_ptr(), A.stride(0), A.stride(1)},
+               softvq::Operand{B.data_ptr(), B.stride(0), B.stride(1)}, C.data_ptr<float>(), C.stride(0),
+               static_cast<float>(alpha), nullptr, accumulate, SOFTVQ_STREAM());
+  SOFTVQ_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -284,4 +303,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> (sum_t p_tv (V,), sum_t p_tv rows_t (V, D)), fp32",
         py::arg("x"), py::arg("codebook"), py::arg("tau"), py::arg("dist"), py::arg("x_inv_norm"),
         py::arg("codebook_inv_norm"), py::arg("lse"), py::arg("rows"), py::arg("chunk_cols"));
+  m.def("gemm", &gemm_product, "C = alpha * A B^T (+ C): softvq::gemm on torch tensors (tests, benchmarks)",
+        py::arg("A"), py::arg("B"), py::arg("C"), py::arg("alpha") = 1.0, py::arg("accumulate") = false);
+  m.def(
+      "set_gemm_path",
+      [](const std::string& path) {
+        TORCH_CHECK(path == "wmma" || path == "cutlass", "gemm path is 'wmma' or 'cutlass', got '", path, "'");
+        softvq::set_gemm_path(path == "cutlass" ? softvq::GemmPath::kCutlass : softvq::GemmPath::kWmma);
+      },
+      "'wmma' (default) or 'cutlass' (opt-in; also $SOFTVQ_CUDA_GEMM=cutlass): the fp16/bf16 GEMM implementation",
+      py::arg("path"));
+  m.def(
+      "gemm_path", [] { return std::string(softvq::gemm_path() == softvq::GemmPath::kCutlass ? "cutlass" : "wmma"); },
+      "the selected fp16/bf16 GEMM implementation");
+  m.def(
+      "cutlass_gemms_compiled", [] { return std::string(softvq::cutlass_gemms_compiled()); },
+      "the CUTLASS GEMMs in this build: 'sm90a', 'sm80', 'sm90a,sm80' or ''");
 }

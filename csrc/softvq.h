@@ -64,6 +64,18 @@ void dscores_chunk(DType dt, const void* x, const void* grad_y, const void* keys
 void gemm(DType dt, int64_t M, int64_t N, int64_t K, Operand A, Operand B, float* C, int64_t ldc, float alpha,
           const float* alpha_ptr, bool accumulate, cudaStream_t stream);
 
+// Which implementation gemm runs for fp16/bf16 operands (fp32 always runs the 3xTF32 WMMA kernel).
+// kWmma, the default, is the tiled WMMA kernel of softvq_gemm.cu. kCutlass (opt-in until a GPU run has
+// measured it) runs the CUTLASS kernel compiled for the current device (sm_90a: wgmma + TMA; sm_80:
+// CuTe mma.sync + cp.async) when the problem's strides and alignment qualify, else WMMA. The first call
+// reads $SOFTVQ_CUDA_GEMM ("cutlass" or "wmma"); set_gemm_path overrides it for the process.
+enum class GemmPath : int { kWmma = 0, kCutlass = 1 };
+void set_gemm_path(GemmPath path);
+GemmPath gemm_path();
+
+// The CUTLASS GEMMs compiled into this build: "sm90a", "sm80", "sm90a,sm80" or "" (none).
+const char* cutlass_gemms_compiled();
+
 // Multiprocessor count of the current device (for the split-V grid).
 int multiprocessor_count();
 

@@ -9,6 +9,12 @@ once as a CPU extension with bindings.cpp through the public API against the sha
 (tests/test_backends.py). That checks tiling, strides, epilogues and host code; not the hardware.
 With a GPU: the shared suite runs on "cuda" by itself; here, several tiles and chunks, large d,
 codebook_stats, and agreement with the triton backend.
+
+CUTLASS GEMMs (csrc/softvq_gemm_sm90.cu, csrc/softvq_gemm_sm80.cu; opt-in with SOFTVQ_CUDA_GEMM=cutlass):
+without a GPU, header discovery and build wiring, and one instantiation of each compiled with nvcc
+(about 1.5 min each on 2 cores) whose SASS must hold HGMMA (sm_90a) / HMMA (sm_80). On a GPU whose
+build has them (TORCH_CUDA_ARCH_LIST with 9.0a, see csrc/gpu_check_cutlass.sh), the bare product
+against torch on both paths, aligned and not.
 """
 
 from __future__ import annotations
@@ -171,6 +177,137 @@ def test_binary_holds_sm90_tensor_core_code(built_sm90):
 
 
 # ---------------------------------------------------------------------------------------------
+# Anywhere: CUTLASS header discovery and build wiring
+
+
+def _fake_cutlass_checkout(root: Path) -> Path:
+    for header in ("cutlass/cutlass.h", "cute/tensor.hpp"):
+        (root / "include" / header).parent.mkdir(parents=True, exist_ok=True)
+        (root / "include" / header).write_text("// empty\n")
+    return root
+
+
+def test_cutlass_headers_from_cutlass_path(monkeypatch, tmp_path):
+    checkout = _fake_cutlass_checkout(tmp_path / "cutlass")
+    monkeypatch.setenv("CUTLASS_PATH", str(checkout))
+    assert _build.find_cutlass_include() == checkout / "include"
+    monkeypatch.setenv("CUTLASS_PATH", str(checkout / "include"))  # the include folder itself also works
+    assert _build.find_cutlass_include() == checkout / "include"
+
+
+def test_cutlass_headers_from_the_wheel(monkeypatch):
+    pytest.importorskip("cutlass_library", reason="needs the nvidia-cutlass wheel (test extra)")
+    monkeypatch.delenv("CUTLASS_PATH", raising=False)
+    include = _build.find_cutlass_include()
+    assert include.name == "include" and include.parent.name == "source"
+    assert (include / "cute" / "atom" / "mma_traits_sm90_gmma.hpp").is_file()
+
+
+def test_missing_cutlass_headers_name_both_options(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "cutlass_library" else real_find_spec(name, *args))
+    with pytest.raises(RuntimeError, match="CUTLASS_PATH") as error:
+        _build.find_cutlass_include()
+    assert "pip install nvidia-cutlass" in str(error.value)
+
+
+def test_sm90a_gemm_joins_the_build_only_for_9_0a(monkeypatch, tmp_path, capsys):
+    checkout = _fake_cutlass_checkout(tmp_path / "cutlass")
+    monkeypatch.setenv("CUTLASS_PATH", str(checkout))
+    monkeypatch.delenv("SOFTVQ_CUTLASS_SM80", raising=False)
+    for arch_list in (None, "8.0;9.0+PTX", "9.0", "8.6"):
+        assert _build.extension_parts(arch_list) == (list(_build.SOURCES), [], []), arch_list
+    for arch_list in ("9.0a", "8.0;9.0a", "8.0 9.0a+PTX"):
+        sources, includes, flags = _build.extension_parts(arch_list)
+        assert sources == [*_build.SOURCES, _build.CUTLASS_SM90A_SOURCE], arch_list
+        assert includes == [str(checkout / "include")] and flags == ["-DSOFTVQ_WITH_CUTLASS_SM90A"]
+    # The CuTe sm_80 GEMM only on request, and only for 8.x targets.
+    monkeypatch.setenv("SOFTVQ_CUTLASS_SM80", "1")
+    assert _build.extension_parts("9.0") == (list(_build.SOURCES), [], [])
+    assert _build.extension_parts("8.0;9.0a") == (
+        [*_build.SOURCES, _build.CUTLASS_SM90A_SOURCE, _build.CUTLASS_SM80_SOURCE], [str(checkout / "include")],
+        ["-DSOFTVQ_WITH_CUTLASS_SM90A", "-DSOFTVQ_WITH_CUTLASS_SM80"])
+    # Without headers the build goes on with WMMA only and says so once, never silently.
+    monkeypatch.setattr(_build, "find_cutlass_include", lambda: (_ for _ in ()).throw(RuntimeError("no headers")))
+    monkeypatch.setattr(_build, "_cutlass_note_said", False)
+    capsys.readouterr()
+    assert _build.extension_parts("8.0;9.0a") == (list(_build.SOURCES), [], [])
+    assert _build.extension_parts("8.0;9.0a") == (list(_build.SOURCES), [], [])
+    err = capsys.readouterr().err
+    assert err.count("building without the CUTLASS sm_90a and sm_80 GEMM (WMMA only): no headers") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Anywhere nvcc and the CUTLASS headers are: one instantiation per CUTLASS GEMM, read the SASS
+
+
+def _compile_cutlass_gemm(tmp_path_factory, source: str, arch: str, one_instance_macro: str):
+    """nvcc -c of one CUTLASS GEMM file, a single instantiation (bf16, K-major A), for one arch."""
+    cuda_home = _build.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("needs nvcc")
+    try:
+        include = _build.find_cutlass_include()
+    except RuntimeError as missing:
+        pytest.skip(str(missing))
+    out = tmp_path_factory.mktemp(f"softvq_cutlass_{arch}") / (Path(source).stem + ".o")
+    command = [f"{cuda_home}/bin/nvcc", *_build.NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
+               f"-D{one_instance_macro}", f"-I{CSRC}", f"-I{include}", "-c", str(CSRC / source), "-o", str(out)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-6000:]
+    print(f"\n{source} (one instantiation) compiled for sm_{arch} in {seconds:.1f} s")
+    return out, result.stderr
+
+
+@pytest.fixture(scope="module")
+def cutlass_sm90a_object(tmp_path_factory):
+    return _compile_cutlass_gemm(tmp_path_factory, "softvq_gemm_sm90.cu", "90a", "SOFTVQ_SM90A_GEMM_ONE_INSTANCE")
+
+
+@pytest.fixture(scope="module")
+def cutlass_sm80_object(tmp_path_factory):
+    return _compile_cutlass_gemm(tmp_path_factory, "softvq_gemm_sm80.cu", "80", "SOFTVQ_SM80_GEMM_ONE_INSTANCE")
+
+
+def _gemm_kernel_sass(obj: Path) -> tuple[str, dict[str, str]]:
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (triton's package carries one)")
+    elves = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True, check=True).stdout
+    kernels = {name: body for name, body in _sass_by_function(cuobjdump, obj).items() if "GemmUniversal" in name}
+    assert len(kernels) == 1, sorted(kernels)
+    return elves, kernels
+
+
+@pytest.mark.slow
+def test_cutlass_sm90a_gemm_sass_holds_wgmma_and_tma(cutlass_sm90a_object):
+    obj, warnings = cutlass_sm90a_object
+    elves, kernels = _gemm_kernel_sass(obj)
+    assert "sm_90" in elves, elves
+    (body,) = kernels.values()
+    assert re.search(r"\bHGMMA\.64x\d+x16\.F32\.BF16", body), sorted(set(re.findall(r"\b[A-Z]+MMA[.\w]*", body)))
+    assert re.search(r"\bUTMALDG\b", body) and re.search(r"\bUTMASTG\b", body), "expected TMA loads and stores"
+    assert "C7510" not in warnings, warnings  # wgmma serialised across a call (device asserts, say)
+
+
+@pytest.mark.slow
+def test_cutlass_sm80_gemm_sass_holds_mma_sync(cutlass_sm80_object):
+    obj, _ = cutlass_sm80_object
+    elves, kernels = _gemm_kernel_sass(obj)
+    assert "sm_80" in elves, elves
+    (body,) = kernels.values()
+    assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", body), sorted(set(re.findall(r"\b[A-Z]+MMA[.\w]*", body)))
+    assert re.search(r"\bLDGSTS\b", body), "expected cp.async (LDGSTS) operand loads"
+    assert re.search(r"\bLDSM\b", body), "expected ldmatrix (LDSM) fragment loads"
+
+
+# ---------------------------------------------------------------------------------------------
 # Anywhere g++ is: the kernels' logic on the CPU (csrc/emu emulates the CUDA calls, WMMA included)
 
 LAUNCH = re.compile(r"([\w:]+(?:<scalar_t>)?)<<<(.*?), ([\w:]+), 0, stream>>>\(")
@@ -275,6 +412,24 @@ def test_emulated_backend_edge_cases(emulated_cuda):
 
 
 @needs_gxx
+def test_emulated_gemm_binding_and_path_switch(emulated_extension):
+    """The bare product with both operand layouts; "cutlass" in a build without it runs WMMA, no error."""
+    assert emulated_extension.cutlass_gemms_compiled() == ""
+    assert emulated_extension.gemm_path() == "wmma"
+    a, b_t = torch.randn(70, 40), torch.randn(40, 33)  # A (M, K); B (N, K) read transposed, as bindings.cpp does
+    for path in ("cutlass", "wmma"):
+        emulated_extension.set_gemm_path(path)
+        assert emulated_extension.gemm_path() == path
+        c = torch.zeros(70, 33)
+        emulated_extension.gemm(a, b_t.t(), c, 0.5)
+        assert rel_err(c, 0.5 * a.double() @ b_t.double()) < 1e-5
+        emulated_extension.gemm(a.t().contiguous().t(), b_t.t(), c, 2.0, accumulate=True)  # M-major A
+        assert rel_err(c, 2.5 * a.double() @ b_t.double()) < 1e-5
+    with pytest.raises(RuntimeError, match="'wmma' or 'cutlass'"):
+        emulated_extension.set_gemm_path("cublas")
+
+
+@needs_gxx
 @pytest.mark.parametrize("distance", ["l2", "dot", "cosine"])
 def test_emulated_codebook_stats(emulated_cuda, distance):
     from softvq_kernels import chunked
@@ -353,3 +508,39 @@ def test_gpu_agrees_with_triton(dtype, distance):
     assert rel_err(aux.code_counts, aux_t.code_counts) < tol
     for name, grad, grad_t in zip(("x", "codebook", "temperature"), grads, grads_t):
         assert rel_err(grad, grad_t) < 3 * tol, name
+
+
+def _gpu_module_with_cutlass():
+    module = _build.load()
+    if not module.cutlass_gemms_compiled():
+        pytest.skip("this build has no CUTLASS GEMM (build with TORCH_CUDA_ARCH_LIST containing 9.0a and the "
+                    "nvidia-cutlass wheel or $CUTLASS_PATH; see csrc/gpu_check_cutlass.sh)")
+    return module
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("a_layout", ["k_major", "m_major"])
+@pytest.mark.parametrize("M, N, K", [(256, 128, 512), (197, 136, 264), (64, 1000, 4096), (37, 67, 19)])
+def test_gpu_cutlass_gemm_matches_torch_on_both_paths(M, N, K, a_layout, dtype):
+    """softvq::gemm on the CUTLASS path (aligned shapes) and its WMMA fallback (37 x 67 x 19: strides not
+    16-byte multiples) against an fp64 product, plain and accumulating, alpha != 1."""
+    module = _gpu_module_with_cutlass()
+    a = torch.randn(M, K, device="cuda").to(dtype)
+    if a_layout == "m_major":
+        a = a.t().contiguous().t()
+    b = torch.randn(K, N, device="cuda").to(dtype).t()  # (N, K) with unit stride along N, as bindings.cpp
+    expected = a.double() @ b.double().t()
+    previous = module.gemm_path()
+    try:
+        for path in ("cutlass", "wmma"):
+            module.set_gemm_path(path)
+            c = torch.full((M, N), float("nan"), device="cuda")  # beta = 0 must not read C
+            module.gemm(a, b, c, 0.5)
+            torch.cuda.synchronize()
+            assert rel_err(c, 0.5 * expected) < 2e-3, path
+            module.gemm(a, b, c, 1.5, accumulate=True)
+            assert rel_err(c, 2.0 * expected) < 2e-3, path
+    finally:
+        module.set_gemm_path(previous)

@@ -5,6 +5,11 @@ sources in ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja) into a cach
 ``$TORCH_EXTENSIONS_DIR/softvq_kernels`` or ``~/.cache/softvq_kernels`` (``$XDG_CACHE_HOME`` respected).
 torch's own ``load`` rebuilds when a source or a flag changes, and reuses the cache otherwise.
 
+CUTLASS GEMMs (opt-in at run time, see csrc/softvq.h ``set_gemm_path``): when the target architectures
+include ``9.0a`` (``TORCH_CUDA_ARCH_LIST="9.0a"``) and CUTLASS 3.x / CuTe headers are found
+(``$CUTLASS_PATH`` or the ``nvidia-cutlass`` wheel), csrc/softvq_gemm_sm90.cu (wgmma + TMA) joins the build;
+without the headers the build goes on without it and says so once. ``setup.py`` uses the same helpers.
+
 No torch import happens at module import beyond ``torch`` itself: the cpp_extension machinery is
 imported only when a build is needed.
 """
@@ -22,7 +27,9 @@ from types import ModuleType
 import torch
 
 SOURCES = ("bindings.cpp", "softvq_fwd.cu", "softvq_bwd.cu", "softvq_gemm.cu")
-HEADERS = ("softvq.h", "softvq_common.cuh")
+HEADERS = ("softvq.h", "softvq_common.cuh", "softvq_gemm_cutlass.h")
+CUTLASS_SM90A_SOURCE = "softvq_gemm_sm90.cu"  # built for sm_90a targets only, with CUTLASS headers
+CUTLASS_SM80_SOURCE = "softvq_gemm_sm80.cu"  # built only on request: SOFTVQ_CUTLASS_SM80=1 and 8.x targets
 JIT_NAME = "softvq_kernels_cuda"
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
 CXX_FLAGS = ("-O3", "-std=c++17")
@@ -35,9 +42,95 @@ def sources_dir() -> Path | None:
     """The folder with the C++/CUDA sources: inside the installed package, or csrc/ of a checkout."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parent.parent / "csrc"):
-        if all((candidate / name).is_file() for name in SOURCES + HEADERS):
+        names = SOURCES + HEADERS + (CUTLASS_SM90A_SOURCE, CUTLASS_SM80_SOURCE)
+        if all((candidate / name).is_file() for name in names):
             return candidate
     return None
+
+
+def _is_cutlass_include(folder: Path) -> bool:
+    return (folder / "cutlass" / "cutlass.h").is_file() and (folder / "cute" / "tensor.hpp").is_file()
+
+
+def find_cutlass_include() -> Path:
+    """The CUTLASS 3.x / CuTe include folder (holding cutlass/ and cute/).
+
+    $CUTLASS_PATH first (a CUTLASS checkout, or its include/ folder itself), else the ``nvidia-cutlass``
+    wheel, which ships the headers as cutlass_library/source/include. Raises RuntimeError naming both
+    options when neither has them. Does not import cutlass_library (its import pulls in cuda-python).
+    """
+    tried = []
+    env = os.environ.get("CUTLASS_PATH")
+    if env:
+        for candidate in (Path(env) / "include", Path(env)):
+            if _is_cutlass_include(candidate):
+                return candidate
+        tried.append(f"$CUTLASS_PATH={env} has no include/cutlass/cutlass.h with include/cute/tensor.hpp")
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "source" / "include"
+            if _is_cutlass_include(candidate):
+                return candidate
+        tried.append("the installed cutlass_library package has no source/include folder")
+    raise RuntimeError(
+        "CUTLASS 3.x / CuTe headers not found: set CUTLASS_PATH to a CUTLASS checkout (or its include/ "
+        "folder), or pip install nvidia-cutlass (its cutlass_library/source/include is used)"
+        + (f" ({'; '.join(tried)})" if tried else "")
+    )
+
+
+def _arch_entries(arch_list: str | None) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST entries without "+PTX": "8.0;9.0a+PTX" -> ["8.0", "9.0a"]."""
+    return [entry.split("+")[0].strip() for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";")
+            if entry.strip()]
+
+
+def wants_sm90a(arch_list: str | None) -> bool:
+    """Whether these targets include sm_90a, the only one the wgmma/TMA kernel is compiled for."""
+    return "9.0a" in _arch_entries(arch_list)
+
+
+def wants_sm80(arch_list: str | None) -> bool:
+    """Whether to build the CuTe mma.sync GEMM: asked for (SOFTVQ_CUTLASS_SM80=1, as it adds minutes to
+    every build and is unmeasured) and an 8.x target present."""
+    asked = os.environ.get("SOFTVQ_CUTLASS_SM80", "").strip().lower() in {"1", "true", "yes", "on"}
+    return asked and any(entry.startswith("8.") for entry in _arch_entries(arch_list))
+
+
+_cutlass_note_said = False
+
+
+def _note_once(message: str) -> None:
+    global _cutlass_note_said
+    if not _cutlass_note_said:
+        _cutlass_note_said = True
+        print(f"softvq_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def extension_parts(arch_list: str | None) -> tuple[list[str], list[str], list[str]]:
+    """(source file names in csrc/, extra include folders, extra nvcc flags) for these targets.
+
+    The CUTLASS sm_90a GEMM joins when the targets include 9.0a and the headers are found; when they are
+    not, the build goes on without it (softvq::gemm then always runs WMMA) and says so once."""
+    sources, includes, nvcc_flags = list(SOURCES), [], []
+    wanted = [(CUTLASS_SM90A_SOURCE, "SOFTVQ_WITH_CUTLASS_SM90A", "sm_90a")] if wants_sm90a(arch_list) else []
+    if wants_sm80(arch_list):
+        wanted.append((CUTLASS_SM80_SOURCE, "SOFTVQ_WITH_CUTLASS_SM80", "sm_80"))
+    if wanted:
+        try:
+            include = find_cutlass_include()
+        except RuntimeError as missing:
+            names = " and ".join(name for _, _, name in wanted)
+            _note_once(f"building without the CUTLASS {names} GEMM (WMMA only): {missing}")
+        else:
+            includes.append(str(include))
+            for source, macro, _ in wanted:
+                sources.append(source)
+                nvcc_flags.append(f"-D{macro}")
+    return sources, includes, nvcc_flags
 
 
 def find_cuda_home() -> str | None:
@@ -163,11 +256,14 @@ def jit_build(*, arch_list: str | None = None, build_directory: str | os.PathLik
                 file=sys.stderr,
                 flush=True,
             )
+        sources, includes, cutlass_flags = extension_parts(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        # Macros reach the host compiler too: bindings.cpp and softvq_gemm.cu see the same ones.
         return cpp_extension.load(
             name=JIT_NAME,
-            sources=[str(src / name) for name in SOURCES],
-            extra_cflags=list(CXX_FLAGS),
-            extra_cuda_cflags=list(NVCC_FLAGS),
+            sources=[str(src / name) for name in sources],
+            extra_cflags=list(CXX_FLAGS) + cutlass_flags,
+            extra_cuda_cflags=list(NVCC_FLAGS) + cutlass_flags,
+            extra_include_paths=includes,
             build_directory=str(out),
             verbose=verbose,
         )
