@@ -289,7 +289,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.platform()}"
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} "
+            f"thread(s), {platform.platform()}")
 
 
 def load_average() -> str:
