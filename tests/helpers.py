@@ -74,3 +74,32 @@ def assert_grads_close(grads, grads_ref, eager_grads, tol):
     for name, grad, grad_ref, grad_eager in zip(("x", "codebook", "temperature"), grads, grads_ref, eager_grads):
         err = rel_err(grad, grad_ref)
         assert err < max(2 * tol, 3 * rel_err(grad_eager, grad_ref)), f"gradient for {name}: {err:.2e}"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, args_for_rank, timeout_s: float):
+    """Start ``target(*args_for_rank(rank, port))`` in ``world`` spawned processes on one free port, wait
+    at most ``timeout_s`` for each, and fail the test if any hung. Returns the finished processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=args_for_rank(rank, port)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.terminate()
+        p.join(5)
+    assert not hung, f"workers did not finish within {timeout_s}s"
+    return procs

@@ -4,11 +4,10 @@ all-reduced, so both ranks end with the codebook the formula gives on the union 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests.helpers import spawn_ranks
 from torch import nn
 
 from softvq_kernels import SoftVQ
@@ -60,11 +59,6 @@ def _worker(rank, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _expected(model):
     """The EMA formula on the union of both ranks' real frames (one process, no torch.distributed)."""
@@ -88,18 +82,7 @@ def _expected(model):
 
 @pytest.mark.slow
 def test_ddp_gloo_synchronises_ema_statistics(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
-    assert not hung, f"DDP workers did not finish within {TIMEOUT_S}s"
+    procs = spawn_ranks(_worker, WORLD, lambda rank, port: (rank, port, str(tmp_path)), TIMEOUT_S)
     assert [p.exitcode for p in procs] == [0] * WORLD
 
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]

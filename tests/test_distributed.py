@@ -6,21 +6,15 @@ SoftVQ(process_group=...) (soft and hard modes, EMA statistics per shard) too. N
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests.helpers import spawn_ranks
 
 TIMEOUT_S = 180
 D = 7
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close(failures, what, got, want, rtol=1e-9, atol=1e-11):
@@ -184,19 +178,7 @@ SIZES = {2: [6, 5], 3: [4, 7, 2]}
 
 
 def _run(tmp_path, world, device_kind="cpu", backend="chunked"):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, str(tmp_path), device_kind, backend))
-             for rank in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
-    assert not hung, f"workers did not finish within {TIMEOUT_S}s"
+    procs = spawn_ranks(_worker, world, lambda rank, port: (rank, world, port, str(tmp_path), device_kind, backend), TIMEOUT_S)
     reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(world)]
     problems = [f"rank {rank}: {text}" for rank, text in enumerate(reports) if text]
     assert not problems, "\n".join(problems)
