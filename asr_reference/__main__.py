@@ -11,6 +11,7 @@ Pieces, for your own data (NeMo-style JSON-lines manifests; WAV/FLAC at any rate
     python -m asr_reference pretrain-lm --text data/asr/lm_train.txt --out runs/asr/lm
     python -m asr_reference train --train data/asr/train.jsonl --llm runs/asr/lm --run runs/asr/soft --vq soft
     python -m asr_reference eval --run runs/asr/soft --manifest data/asr/test_in.jsonl
+    python -m asr_reference diagnose --run runs/asr/soft --data data/asr   # where the errors come from
     torchrun --nproc_per_node 2 -m asr_reference train ...   # DDP (gloo on CPU, nccl on GPU)
 
 Bad inputs (manifest lines, audio files, checkpoints, model folders, option values) end the command with
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,7 +36,7 @@ RESULTS = Path(__file__).with_name("results")
 # The embedded default configuration: a fixed number of steps (the results do not depend on the
 # machine's speed; the demo prints how long it expects to take). CPU: one seed; GPU: larger, 3 seeds.
 DEFAULTS = {
-    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "steps": 2000, "batch_size": 8, "seeds": 1},
+    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "steps": 1500, "batch_size": 8, "seeds": 1},
     "cuda": {"n_train": 4800, "lm_steps": 1500, "lm_batch": 64, "steps": 4000, "batch_size": 16, "seeds": 3},
 }
 
@@ -244,6 +246,35 @@ def cmd_eval(args) -> None:
         print(json.dumps(res), flush=True)
 
 
+def cmd_diagnose(args) -> None:
+    from asr_reference.data import read_manifest, test_sets
+    from asr_reference.diagnose import diagnose_run, format_table
+
+    if bool(args.data) == bool(args.manifest):
+        raise ASRError("diagnose: give either --data DIR (every test set in it) or --manifest M [M ...]")
+    if args.data:
+        manifests = list(test_sets(args.data).values())
+        if not manifests:
+            raise ASRError(f"{args.data}: no test manifests (test_in.jsonl, test_ood_*.jsonl)")
+    else:
+        manifests = args.manifest
+    for manifest in manifests:  # every manifest is checked before any model loads
+        read_manifest(manifest)
+    results = {}
+    for run in args.run:
+        results[Path(run).name if not args.label else f"{args.label}/{Path(run).name}"] = diagnose_run(
+            run, manifests, device=_device(args.device), log=_log, limit=args.limit,
+            overrides={"llm": args.llm} if args.llm else None)
+    table = format_table(results)
+    print(table, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        out.with_suffix(".md").write_text(table)
+        _log(f"diagnose: wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
 def cmd_demo(args) -> None:
     from asr_reference import compare as C
     from asr_reference.data import prepare
@@ -262,16 +293,25 @@ def cmd_demo(args) -> None:
     else:
         rows = [args.vq or "soft"]
     hard_soft_steps = args.hard_soft_steps or max(1, steps // 4)
-    need_prepare = args.fresh or not (data / "test_ood_noise.jsonl").is_file()
-    need_lm = not args.llm and (args.fresh or not (runs / "lm" / "config.json").is_file())
+    n_runs = seeds * len(rows)
+    # CPU: single-threaded processes beat one process with all cores at this model size, and one more
+    # process than cores keeps every core busy while an odd run out finishes; GPU: one run at a time
+    jobs = args.jobs or (1 if on_gpu else max(1, min(n_runs, (os.cpu_count() or 1) + 1)))
+    stale_data = None if args.fresh else C.data_is_stale(data)
+    need_prepare = args.fresh or stale_data is not None
+    lm = Path(args.llm) if args.llm else runs / "lm"
+    # the LM text depends only on the sentence split: a data folder rebuilt for other voices keeps its LM
+    need_lm = not args.llm and (args.fresh or not (data / "lm_train.txt").is_file()
+                                or C.lm_is_stale(lm, data) is not None)
     # the step count is fixed: the machine's speed changes how long this takes, never the result
     plan = (f"{len(rows)} run(s) x {seeds} seed(s), {steps} steps x {size['batch_size']} utterances each"
-            + (f" (hard-soft: +{hard_soft_steps} steps)" if "hard-soft" in rows else ""))
+            + (f" (hard-soft: +{hard_soft_steps} steps)" if "hard-soft" in rows else "")
+            + (f", {jobs} in parallel" if jobs > 1 else ""))
     if on_gpu:
         _log(f"demo: {plan} on {device}; no reference timing for GPUs: the measured speed is printed "
              f"after each run's first steps")
     else:
-        est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps)
+        est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps, jobs)
         _log(f"demo: {plan}; expect about {est / 60:.0f} min on an idle 2-core CPU like the one the README's "
              f"numbers come from (more on a slower or busy machine: the step count is fixed, so the results "
              f"are the same, only the time changes; the measured speed is printed after each run's first steps)")
@@ -279,16 +319,20 @@ def cmd_demo(args) -> None:
             _log(f"demo: WARNING: the estimate is more than the --time-budget of {args.time_budget:g} min "
                  f"(nothing is shortened; use --steps or fewer --rows to make it shorter)")
     if need_prepare:
+        if stale_data and stale_data != "missing":
+            _log(f"demo: rebuilding {data}: {stale_data}")
+            shutil.rmtree(data / "wav", ignore_errors=True)
         prepare(data, args.text, n_train=size["n_train"], seed=args.seed, log=_log)
     else:
         _log(f"demo: reusing prepared data in {data} (--fresh to rebuild)")
-    lm = runs / "lm"
     if args.llm:
-        lm = Path(args.llm)
         _log(f"demo: using the LLM in {lm} (no LM pretraining)")
-    elif need_lm:
+    elif args.fresh or (stale_lm := C.lm_is_stale(lm, data)) is not None:
+        if not args.fresh and stale_lm != "missing":
+            _log(f"demo: pretraining the LM again: {stale_lm}")
         pretrain_lm(data / "lm_train.txt", lm, steps=size["lm_steps"], batch_size=size["lm_batch"],
                     seed=args.seed, device=device, log=_log)
+        C.mark_lm(lm, data)
     else:
         _log(f"demo: reusing pretrained LM in {lm}")
     if args.fresh:
@@ -298,16 +342,10 @@ def cmd_demo(args) -> None:
                     shutil.rmtree(C.run_dir(runs, row, k))
     args.vq = None
     base = config_from(args, lm)
-    results: dict = {}
-    summaries = []
-    for k in range(seeds):
-        for row in rows:
-            run, summary = C.train_row(row, k, base_cfg=base, runs=runs, data=data, steps=steps,
-                                       batch_size=size["batch_size"], lr=args.lr, warmup=args.warmup, seed=args.seed,
-                                       device=device, tau_schedule=args.tau_schedule,
-                                       hard_soft_steps=hard_soft_steps, log=_log)
-            summaries.append(summary)
-            results.setdefault(row, []).append(C.eval_run(run, data, args.beams, device, log=_log))
+    train_kw = dict(base_cfg=base, runs=runs, data=data, steps=steps, batch_size=size["batch_size"], lr=args.lr,
+                    warmup=args.warmup, seed=args.seed, device=device, tau_schedule=args.tau_schedule,
+                    hard_soft_steps=hard_soft_steps)
+    results, summaries = C.run_all(rows, seeds, jobs=jobs, train_kw=train_kw, beams=args.beams, log=_log)
     elapsed = time.time() - t0
     for row in rows:
         for k, res in enumerate(results[row]):
@@ -428,6 +466,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_eval)
 
+    p = command("diagnose", "where a run's errors come from: encoder CTC, VQ token CTC and LLM WER per test set")
+    p.add_argument("--run", required=True, nargs="+", help="one or more run folders")
+    p.add_argument("--data", default=None, help="a prepared folder: every test set in it")
+    p.add_argument("--manifest", nargs="+", default=None, help="or these manifests")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N utterances of each set")
+    p.add_argument("--out", default=None, help="write OUT.md (the table) and OUT.json")
+    p.add_argument("--llm", default=None, help="the runs' LLM from another folder (e.g. moved)")
+    p.add_argument("--label", default=None, help="prefix for the run names in the table (e.g. the training data)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_diagnose)
+
     p = command("demo", "everything end to end on the embedded default")
     p.add_argument("--compare", action="store_true",
                    help="train every row (soft, plain, none, hard, soft-no-ctc); write the table with bootstrap intervals")
@@ -440,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hard-soft-steps", type=POSITIVE_INT, default=None, help="its extra steps (default steps/4)")
     p.add_argument("--tau-schedule", type=_tau_schedule, default=None, metavar="START:END",
                    help="hard-soft row: anneal the temperature from START to END")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=None,
+                   help="runs trained in parallel (default on a CPU: one more than its cores, 1 torch thread each; 1 on a GPU)")
     p.add_argument("--time-budget", type=POSITIVE, default=None,
                    help="minutes: warn when the estimate exceeds it (nothing is shortened)")
     p.add_argument("--llm", default=None, help="an HF causal-LM folder instead of pretraining the small LM")

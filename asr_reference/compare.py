@@ -16,11 +16,16 @@ Rows (every one: the same encoder, projector, data, LLM, steps, batch and seed):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import multiprocessing
 import os
 import platform
 import shutil
 import statistics
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 # row name -> ASRConfig overrides
@@ -41,7 +46,9 @@ PAIRS = (("soft", "none"), ("soft", "plain"), ("hard", "none"), ("soft-no-ctc", 
 # results were made on (LM pretraining, data preparation, seconds per training step of each row,
 # decoding one run on every test set). A different machine takes longer or shorter; the results do not
 # change, because the step count is fixed. The measured speed is printed after each run's first steps.
-REFERENCE_CPU = {"prepare": 60.0, "lm": 186.0, "eval": 10.0,
+REFERENCE_CPU = {"cores": 2, "prepare": 60.0, "lm": 186.0, "eval": 10.0,
+                 "step_parallel": {"none": 0.35, "hard": 0.33, "soft": 0.36, "plain": 0.35, "soft-no-ctc": 0.35,
+                                   "hard-soft": 0.31},
                  "step": {"none": 0.151, "hard": 0.136, "soft": 0.16, "plain": 0.15, "soft-no-ctc": 0.15,
                           "hard-soft": 0.16}}
 
@@ -65,13 +72,66 @@ def run_dir(runs: Path, row: str, seed_index: int) -> Path:
 
 
 def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool, need_lm: bool,
-                     hard_soft_steps: int = 0) -> float:
+                     hard_soft_steps: int = 0, jobs: int = 1) -> float:
+    """Wall seconds on the reference CPU: preparation and LM pretraining, then the runs (each trained
+    and decoded). ``jobs`` > 1 processes share its cores, so the runs take their total work divided by
+    the cores in use, and never less than the longest run; hard-soft runs after the rest."""
     ref = REFERENCE_CPU
-    total = ref["prepare"] * need_prepare + ref["lm"] * need_lm
-    for row in rows:
-        n = hard_soft_steps if row == "hard-soft" else steps
-        total += seeds * (n * ref["step"].get(row, 0.16) + ref["eval"])
-    return total
+    step = ref["step_parallel"] if jobs > 1 else ref["step"]
+    cores = min(jobs, ref["cores"])
+
+    def span(times: list[float]) -> float:
+        return max(sum(times) / cores, max(times, default=0.0))
+
+    first = [steps * step.get(r, 0.16) + ref["eval"] for r in rows if r != "hard-soft" for _ in range(seeds)]
+    second = [hard_soft_steps * step.get(r, 0.16) + ref["eval"] for r in rows if r == "hard-soft" for _ in range(seeds)]
+    return ref["prepare"] * need_prepare + ref["lm"] * need_lm + span(first) + span(second)
+
+
+def fingerprint(*paths: Path) -> str:
+    """sha256 (16 hex digits) of the files' bytes (a missing file counts as empty): a run or an LM is
+    reused only on the same data."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes() if Path(p).is_file() else b"")
+    return h.hexdigest()[:16]
+
+
+def data_is_stale(data: Path) -> str | None:
+    """Why a data folder cannot be used as it is (None: it can): missing, or made by ``prepare`` with
+    other voices / conditions than the current :data:`asr_reference.data.IN_DOMAIN` and
+    ``OUT_OF_DOMAIN`` (a folder of the user's own manifests, without ``splits.json``, is used as it is)."""
+    from asr_reference.data import IN_DOMAIN, OUT_OF_DOMAIN
+
+    if not (data / "test_in.jsonl").is_file():
+        return "missing"
+    splits = data / "splits.json"
+    if not splits.is_file():
+        return None  # not made by ``prepare`` (the user's own manifests): used as it is
+    saved = json.loads(splits.read_text())
+    if saved.get("in_domain") != [v.__dict__ for v in IN_DOMAIN]:
+        return "its training voices are not the current default"
+    if saved.get("out_of_domain") != {k: [v.__dict__ for v in vs] for k, vs in OUT_OF_DOMAIN.items()}:
+        return "its out-of-domain conditions are not the current default"
+    missing = [n for n in ("train", "dev", "test_in", *OUT_OF_DOMAIN) if not (data / f"{n}.jsonl").is_file()]
+    return f"manifests missing: {', '.join(missing)}" if missing else None
+
+
+LM_SOURCE = "lm_source.json"
+
+
+def lm_is_stale(lm: Path, data: Path) -> str | None:
+    """Why the demo's pretrained LM cannot be reused with ``data`` (None: it can)."""
+    if not (lm / "config.json").is_file():
+        return "missing"
+    source = lm / LM_SOURCE
+    if not source.is_file() or json.loads(source.read_text()).get("lm_text") != fingerprint(data / "lm_train.txt"):
+        return f"it was not pretrained on {data / 'lm_train.txt'}"
+    return None
+
+
+def mark_lm(lm: Path, data: Path) -> None:
+    (lm / LM_SOURCE).write_text(json.dumps({"lm_text": fingerprint(data / "lm_train.txt")}))
 
 
 def _stale(run: Path, cfg_dict: dict, plan: dict) -> str | None:
@@ -88,7 +148,7 @@ def _stale(run: Path, cfg_dict: dict, plan: dict) -> str | None:
 
 def train_row(row: str, seed_index: int, *, base_cfg, runs: Path, data: Path, steps: int, batch_size: int,
               lr: float, warmup: int, seed: int, device: str, tau_schedule: str | None = None,
-              hard_soft_steps: int = 0, log=print) -> tuple[Path, dict]:
+              hard_soft_steps: int = 0, progress_bar: bool = True, log=print) -> tuple[Path, dict]:
     """Train one row for one seed (reusing a finished or interrupted run of the same plan)."""
     from asr_reference.model import ASRConfig
     from asr_reference.train import TrainArgs, train
@@ -101,7 +161,7 @@ def train_row(row: str, seed_index: int, *, base_cfg, runs: Path, data: Path, st
         steps = hard_soft_steps
     plan = {"steps": steps, "seed": seed + seed_index, "batch_size": batch_size, "lr": lr, "warmup": warmup,
             "tau_schedule": tau_schedule if row == "hard-soft" else None, "init_from": init_from,
-            "train": str(data / "train.jsonl")}
+            "train": str(data / "train.jsonl"), "data": fingerprint(data / "train.jsonl", data / "splits.json")}
     if run.exists():
         why = _stale(run, cfg.to_dict(), plan)
         if why:
@@ -112,7 +172,8 @@ def train_row(row: str, seed_index: int, *, base_cfg, runs: Path, data: Path, st
     (run / "demo_plan.json").write_text(json.dumps(plan, indent=1))
     summary = train(cfg, TrainArgs(train=plan["train"], run=str(run), steps=steps, batch_size=batch_size, lr=lr,
                                    warmup=warmup, seed=plan["seed"], resume=resume, device=device,
-                                   tau_schedule=plan["tau_schedule"], init_from=init_from), log=log)
+                                   tau_schedule=plan["tau_schedule"], init_from=init_from,
+                                   progress_bar=progress_bar), log=log)
     summary["row"] = row
     summary["seed"] = plan["seed"]
     return run, summary
@@ -132,6 +193,85 @@ def eval_run(run: Path, data: Path, beams: int, device: str, log=print) -> dict:
         log(f"eval[{run.name}] {name}: WER {100 * res['wer']:.1f}%  CER {100 * res['cer']:.1f}%  "
             f"({res['n']} utts, {res['seconds']} s)")
     return out
+
+
+def _train_and_eval(row: str, seed_index: int, train_kw: dict, beams: int, threads: int | None,
+                    parallel: bool) -> tuple[dict, dict]:
+    """One (row, seed): train (or reuse) and decode every test set. In a worker process of
+    :func:`run_all` it prints prefixed lines instead of a progress bar."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    tag = f"[{row}{f' seed {seed_index}' if seed_index else ''}] "
+    log = (lambda msg: print(tag + msg, flush=True)) if parallel else print
+    run, summary = train_row(row, seed_index, **train_kw, progress_bar=not parallel, log=log)
+    return summary, eval_run(run, train_kw["data"], beams, train_kw["device"], log=log)
+
+
+def _steps_done(run: Path) -> int:
+    """The last logged step of a run (its train_log.jsonl is written every 10 steps)."""
+    try:
+        with open(run / "train_log.jsonl", "rb") as f:
+            lines = f.read().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def run_all(rows: list[str], seeds: int, *, jobs: int, train_kw: dict, beams: int,
+            log=print) -> tuple[dict, list[dict]]:
+    """Train and evaluate every (row, seed): ``results[row][seed_index]`` and the training summaries.
+
+    ``jobs`` > 1: that many worker processes with ``cpu_count // jobs`` torch threads each and one
+    progress bar over all their steps (read from the runs' logs). The hard-soft row starts after the
+    rest, since it continues the hard run. A failing run stops the others; every run keeps its
+    checkpoints, so the same command resumes where it stopped."""
+    from tqdm import tqdm
+
+    phases = [[(r, k) for k in range(seeds) for r in rows if r != "hard-soft"],
+              [(r, k) for k in range(seeds) for r in rows if r == "hard-soft"]]
+    out: dict[tuple[str, int], tuple[dict, dict]] = {}
+    if jobs <= 1:
+        for phase in phases:
+            for r, k in phase:
+                out[(r, k)] = _train_and_eval(r, k, train_kw, beams, None, parallel=False)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        def n_steps(row: str) -> int:
+            return train_kw["hard_soft_steps"] if row == "hard-soft" else train_kw["steps"]
+
+        total = sum(n_steps(r) for ph in phases for r, _ in ph)
+        finished: set[tuple[str, int]] = set()
+        log(f"demo: {sum(map(len, phases))} runs over {jobs} parallel processes, {threads} torch thread(s) each")
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, \
+                tqdm(total=total, desc="demo", unit="step", mininterval=5) as bar:
+            for phase in phases:
+                futures = {pool.submit(_train_and_eval, r, k, train_kw, beams, threads, True): (r, k) for r, k in phase}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+                    failed = [f for f in done if f.exception() is not None]
+                    finished.update(futures[f] for f in done if f.exception() is None)
+                    # the logs lag by up to 10 steps: a finished run counts all of its steps
+                    steps_now = sum(n_steps(r) if (r, k) in finished else _steps_done(run_dir(train_kw["runs"], r, k))
+                                    for ph in phases for r, k in ph)
+                    bar.update(max(0, steps_now - bar.n))
+                    if failed:
+                        for f in pending:
+                            f.cancel()
+                        raise failed[0].exception()
+                for f, key in futures.items():
+                    out[key] = f.result()
+    results: dict = {}
+    summaries = []
+    for phase in phases:
+        for r, k in phase:
+            summary, res = out[(r, k)]
+            summaries.append(summary)
+            results.setdefault(r, []).append(res)
+    return {r: results[r] for r in rows}, summaries
 
 
 # ------------------------------------------------------------------------------------------ analysis

@@ -297,15 +297,44 @@ def load_row_audio(row: dict, sample_rate: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- conditions
-# In-domain: two American-English voices at normal rate and pitch (the only ones training sees).
-IN_DOMAIN = (Voice("en-us+m3"), Voice("en-us+f2"))
+# In-domain (train, dev, test_in): a pool of espeak-ng voices, each training sentence rendered once with
+# the next voice of the pool. Diverse enough that out-of-domain tests the speech-to-LLM bridge rather
+# than an encoder that has heard two voices: three English varieties x eight voice variants, speaking
+# rates 140-195 wpm and pitch 35-65 spread over the pool. No training condition imitates an
+# out-of-domain one: no noise, no channel effects, no voice variant or variety the OOD sets use except
+# where named below (the accent set keeps its variants m1/f3 with unseen varieties).
+TRAIN_VARIETIES = ("en-us", "en-gb", "en-gb-x-gbclan")
+TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "f1", "f2", "f3", "f4")
+TRAIN_RATES = (140, 150, 160, 165, 170, 180, 190, 195)
+TRAIN_PITCHES = (35, 40, 45, 50, 55, 60, 65)
+
+
+def _training_pool() -> tuple[Voice, ...]:
+    """24 voice identities (variety x variant), each at 7 rate/pitch combinations: 168 voices, used
+    round robin over the training sentences."""
+    identities = [f"{a}+{b}" for a in TRAIN_VARIETIES for b in TRAIN_VARIANTS]
+    return tuple(Voice(name, rate=TRAIN_RATES[(i + 3 * r) % len(TRAIN_RATES)],
+                       pitch=TRAIN_PITCHES[(i + r) % len(TRAIN_PITCHES)])
+                 for r in range(len(TRAIN_PITCHES)) for i, name in enumerate(identities))
+
+
+IN_DOMAIN = _training_pool()
+# Out of domain: the test sentences under conditions training never sees.
 OUT_OF_DOMAIN = {
-    # other voices and accents
+    # unseen English varieties (Scottish, Caribbean, RP; m7 is an unseen variant too)
     "test_ood_accent": (Voice("en-gb-scotland+m1"), Voice("en-029+f3"), Voice("en-gb-x-rp+m7")),
-    # in-domain voices, faster/slower and higher/lower pitched
+    # training voices far outside the training rate (140-195 wpm) and pitch (35-65) ranges
     "test_ood_rate": (Voice("en-us+m3", rate=230, pitch=30), Voice("en-us+f2", rate=120, pitch=75)),
-    # in-domain voices with additive noise at a few SNRs
+    # training voices with additive (low-passed) noise at 20, 10 and 5 dB SNR; training is clean
     "test_ood_noise": (Voice("en-us+m3", snr_db=20), Voice("en-us+f2", snr_db=10), Voice("en-us+m3", snr_db=5)),
+    # unseen varieties with unseen variants: West Midlands, New York City
+    "test_ood_dialect": (Voice("en-gb-x-gbcwmd+m5"), Voice("en-us-nyc+f5")),
+    # unseen voice variants of the training varieties
+    "test_ood_voice": (Voice("en-us+m6"), Voice("en-gb+f5"), Voice("en-gb-x-gbclan+m7")),
+    # training voices through a telephone channel (300-3400 Hz, 8 kHz); needs sox
+    "test_ood_phone": (Voice("en-us+m3", sox="telephone"), Voice("en-gb+f2", sox="telephone")),
+    # training voices in a reverberant room; needs sox
+    "test_ood_reverb": (Voice("en-us+f1", sox="reverb"), Voice("en-gb-x-gbclan+m4", sox="reverb")),
 }
 
 
@@ -345,6 +374,10 @@ def prepare(out_dir: str | Path, text_file: str | Path | None = None, n_train: i
     from asr_reference.corpus import CORPUS_FILE
 
     out_dir = Path(out_dir)
+    needs_sox = sorted(n for n, vs in {**OUT_OF_DOMAIN, **(extra or {})}.items() if any(v.sox for v in vs))
+    if needs_sox and not sox_available():  # before minutes of synthesis, not after
+        raise ASRError(f"sox is not installed; the out-of-domain sets {', '.join(needs_sox)} need it: "
+                       f"apt-get install -y sox")
     out_dir.mkdir(parents=True, exist_ok=True)
     sentences = read_sentences(text_file or CORPUS_FILE)
     train_all, dev, test = split_sentences(sentences, n_dev, n_test, seed)

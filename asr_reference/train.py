@@ -122,6 +122,8 @@ class TrainArgs:
     stop_after: int | None = None  # stop (with a checkpoint) after this step: simulates a kill
     device: str = "auto"
     quiet: bool = False
+    # False: no tqdm bar (several runs in parallel share one terminal; their caller shows one bar)
+    progress_bar: bool = True
 
     def __post_init__(self):
         # the CLI checks these at parse time; this catches the same mistakes from Python
@@ -349,7 +351,7 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     calibrate_at = min(warm_at + 8, max(start_step + 1, total_steps - 1))
     t_warm = t0
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc=f"train[{cfg.vq}]", mininterval=5,
-               disable=(rank != 0 or args.quiet) or None)
+               disable=(rank != 0 or args.quiet or not args.progress_bar) or None)
     last = {}
     stream = micro_batches()
     while step < total_steps and (args.stop_after is None or step < args.stop_after):

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Sets up everything on a fresh Debian-like machine: espeak-ng (speech synthesis for the ASR demo),
+# Sets up everything on a fresh Debian-like machine: espeak-ng and sox (speech synthesis and channel
+# effects for the ASR demo),
 # a virtual environment in .venv with the exact stack the test suite runs on (constraints.txt:
 # torch 2.11.0, torchaudio 2.11.0, triton 3.6.0, ...), and this package in editable mode with its
 # test, benchmark and ASR extras. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# sox renders the channel conditions of the ASR demo's out-of-domain sets (telephone band, reverb)
+missing=""
+for tool in espeak-ng sox; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing espeak-ng (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+    echo "[setup] installing$missing (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   elif command -v sudo >/dev/null 2>&1; then
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   else
-    echo "[setup] WARNING: espeak-ng is missing and cannot be installed without root; the ASR data step will fail" >&2
+    echo "[setup] WARNING:$missing missing and cannot be installed without root; the ASR data step will fail" >&2
   fi
 fi
 

@@ -165,3 +165,42 @@ def test_missing_and_empty_manifest(tmp_path):
 
 def test_voice_is_hashable_config():
     assert Voice("en-us+m3") == Voice("en-us+m3", 165, 50, None)
+
+
+def test_training_pool_is_diverse_and_never_imitates_an_ood_condition():
+    """Out of domain must test conditions training never saw: no noise or channel effect, no rate or
+    pitch inside an OOD set's, no held-out variety, and the held-out variants only where documented."""
+    from asr_reference.data import IN_DOMAIN, OUT_OF_DOMAIN, TRAIN_PITCHES, TRAIN_RATES
+
+    identities = {v.name for v in IN_DOMAIN}
+    assert len(identities) == 24 and len(IN_DOMAIN) == 168
+    for name in identities:  # each voice identity speaks at several rates and pitches
+        assert len({v.rate for v in IN_DOMAIN if v.name == name}) >= 5
+        assert len({v.pitch for v in IN_DOMAIN if v.name == name}) >= 5
+    assert all(v.snr_db is None and v.sox is None for v in IN_DOMAIN)
+    lo_rate, hi_rate, lo_pitch, hi_pitch = min(TRAIN_RATES), max(TRAIN_RATES), min(TRAIN_PITCHES), max(TRAIN_PITCHES)
+    varieties = {n.split("+")[0] for n in identities}
+    variants = {n.split("+")[1] for n in identities}
+    for set_name, voices in OUT_OF_DOMAIN.items():
+        for v in voices:
+            assert v not in IN_DOMAIN, (set_name, v)
+            variety, variant = v.name.split("+")
+            new_voice = variety not in varieties or variant not in variants
+            new_speed = not (lo_rate <= v.rate <= hi_rate and lo_pitch <= v.pitch <= hi_pitch)
+            new_channel = v.snr_db is not None or v.sox is not None
+            assert new_voice or new_speed or new_channel, (set_name, v)
+    assert all(v.name.split("+")[0] not in varieties for v in OUT_OF_DOMAIN["test_ood_accent"])
+    assert all(v.name.split("+")[0] not in varieties and v.name.split("+")[1] not in variants
+               for v in OUT_OF_DOMAIN["test_ood_dialect"])
+    assert all(v.name.split("+")[1] not in variants for v in OUT_OF_DOMAIN["test_ood_voice"])
+    assert all(not lo_rate <= v.rate <= hi_rate for v in OUT_OF_DOMAIN["test_ood_rate"])
+
+
+def test_prepare_refuses_early_without_sox(tmp_path, monkeypatch):
+    from asr_reference import data
+    from asr_reference.errors import ASRError
+
+    monkeypatch.setattr(data, "sox_available", lambda: False)
+    with pytest.raises(ASRError, match="sox is not installed.*test_ood_phone.*test_ood_reverb"):
+        data.prepare(tmp_path / "d")
+    assert not (tmp_path / "d").exists()  # nothing synthesised first

@@ -3,6 +3,7 @@ checked against evaluate() and against the model's own collapse (about half a mi
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -155,3 +156,22 @@ def test_run_without_ctc_and_table(runs):
     assert row[:3] == ["soft-no-ctc", "train", "6"]
     assert row[3] == f"{100 * res['wer_llm']:.1f}"
     assert row[7] == row[8] == "-"  # the two CTC WERs do not apply
+
+
+def test_diagnose_cli_writes_the_table_and_refuses_bad_input(runs, tmp_path, capsys):
+    from asr_reference.__main__ import main
+
+    out = tmp_path / "diag"
+    main(["diagnose", "--run", str(runs["root"] / "soft-no-ctc"), "--manifest", str(runs["test_ood_noise"]),
+          "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert list(saved) == ["soft-no-ctc"] and list(saved["soft-no-ctc"]) == ["test_ood_noise"]
+    assert out.with_suffix(".md").read_text().startswith("| run | set |")
+    with pytest.raises(SystemExit) as exc:  # neither --data nor --manifest: one line, exit 2
+        main(["diagnose", "--run", str(runs["root"] / "soft-no-ctc")])
+    assert exc.value.code == 2 and "give either --data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio_filepath": "nope.wav", "text": "a"}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose", "--run", str(runs["root"] / "soft-no-ctc"), "--manifest", str(bad)])
+    assert exc.value.code == 2 and f"{bad}:1:" in capsys.readouterr().err

@@ -270,7 +270,7 @@ def test_demo_compare_tiny(tiny, tmp_path, monkeypatch):
     out = tmp_path / "results"
     cli.main(["demo", "--compare", "--rows", "plain", "soft", "--seeds", "2", "--steps", "1", "--data", str(data), "--runs", str(tmp_path / "runs"),
               "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu", "--warmup", "1",
-              "--enc-dim", "32", "--enc-layers", "1", "--time-budget", "0.0001"])
+              "--enc-dim", "32", "--enc-layers", "1", "--time-budget", "0.0001", "--jobs", "1"])
     assert "expect about" in lines[0] and "step count is fixed" in lines[0]
     assert any("WARNING" in ln and "nothing is shortened" in ln for ln in lines)
     saved = json.loads((out / "compare.json").read_text())
@@ -285,9 +285,81 @@ def test_demo_compare_tiny(tiny, tmp_path, monkeypatch):
     lines.clear()
     cli.main(["demo", "--compare", "--rows", "plain", "--seeds", "1", "--steps", "1", "--data", str(data),
               "--runs", str(tmp_path / "runs"), "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu",
-              "--warmup", "1", "--enc-dim", "32", "--enc-layers", "1"])
+              "--warmup", "1", "--enc-dim", "32", "--enc-layers", "1", "--jobs", "1"])
     assert not any("starting it again" in ln for ln in lines)
     assert json.loads((out / "compare.json").read_text())["train"][0]["trained_steps"] == 0
+
+
+@needs_espeak
+def test_demo_compare_parallel_jobs(tiny, tmp_path, monkeypatch, capfd):
+    """--jobs 2: the runs train in two spawned processes (prefixed log lines, one progress bar) and
+    give the same table as one process would: the same runs, steps and seeds."""
+    import shutil
+
+    from asr_reference import __main__ as cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny["root"] / "data", data)
+    (data / "test_ood_noise.jsonl").rename(data / "test_in.jsonl")
+    monkeypatch.setitem(cli.DEFAULTS, "cpu", {**cli.DEFAULTS["cpu"], "batch_size": 4})
+    lines = []
+    monkeypatch.setattr(cli, "_log", lambda m: lines.append(m))
+    out = tmp_path / "results"
+    cli.main(["demo", "--compare", "--rows", "plain", "hard", "--steps", "2", "--data", str(data),
+              "--runs", str(tmp_path / "runs"), "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu",
+              "--warmup", "1", "--enc-dim", "32", "--enc-layers", "1", "--jobs", "2"])
+    assert "2 in parallel" in lines[0]
+    printed = capfd.readouterr()
+    assert "[plain] train: done" in printed.out and "[hard] train: done" in printed.out
+    assert "demo: 100%" in printed.err  # the parent's one bar over both runs' steps
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["rows"] == ["plain", "hard"] and [s["steps"] for s in saved["train"]] == [2, 2]
+    for row in ("plain", "hard"):
+        assert (tmp_path / "runs" / f"vq_{row}" / "checkpoint.pt").is_file()
+        assert (tmp_path / "runs" / f"vq_{row}" / "hyp_test_in_b1.jsonl").is_file()
+
+
+def test_estimate_schedules_parallel_runs():
+    from asr_reference.compare import REFERENCE_CPU, estimate_seconds
+
+    one = estimate_seconds(["soft"], 100, 1, False, False)
+    assert one == pytest.approx(100 * REFERENCE_CPU["step"]["soft"] + REFERENCE_CPU["eval"])
+    par = REFERENCE_CPU["step_parallel"]["soft"] * 100 + REFERENCE_CPU["eval"]
+    # three equal runs sharing the reference machine's two cores: one and a half runs' time
+    assert estimate_seconds(["soft"], 100, 3, False, False, jobs=3) == pytest.approx(1.5 * par)
+    assert estimate_seconds(["soft"], 100, 3, True, True, jobs=3) == pytest.approx(
+        1.5 * par + REFERENCE_CPU["prepare"] + REFERENCE_CPU["lm"])
+    assert estimate_seconds(["soft"], 100, 1, False, False, jobs=3) == pytest.approx(par)  # one run: one core
+
+
+def test_stale_data_and_lm_are_detected(tmp_path):
+    from asr_reference.compare import data_is_stale, lm_is_stale, mark_lm
+    from asr_reference.data import IN_DOMAIN, OUT_OF_DOMAIN
+
+    data, lm = tmp_path / "data", tmp_path / "lm"
+    data.mkdir()
+    assert data_is_stale(data) == "missing"
+    (data / "test_in.jsonl").write_text("")
+    assert data_is_stale(data) is None  # the user's own manifests: used as they are
+    splits = {"in_domain": [v.__dict__ for v in IN_DOMAIN[:2]],
+              "out_of_domain": {k: [v.__dict__ for v in vs] for k, vs in OUT_OF_DOMAIN.items()}}
+    (data / "splits.json").write_text(json.dumps(splits))
+    assert "training voices" in data_is_stale(data)  # made by an older prepare: rebuilt
+    splits["in_domain"] = [v.__dict__ for v in IN_DOMAIN]
+    (data / "splits.json").write_text(json.dumps(splits))
+    assert "manifests missing" in data_is_stale(data)
+    for name in ("train", "dev", *OUT_OF_DOMAIN):
+        (data / f"{name}.jsonl").write_text("")
+    assert data_is_stale(data) is None
+    (data / "lm_train.txt").write_text("a b c\n")
+    assert lm_is_stale(lm, data) == "missing"
+    lm.mkdir()
+    (lm / "config.json").write_text("{}")
+    assert "not pretrained on" in lm_is_stale(lm, data)
+    mark_lm(lm, data)
+    assert lm_is_stale(lm, data) is None
+    (data / "lm_train.txt").write_text("other text\n")
+    assert "not pretrained on" in lm_is_stale(lm, data)
 
 
 # ------------------------------------------------------------------------------ data: OOD, eval, corpus
