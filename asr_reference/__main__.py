@@ -311,7 +311,9 @@ def cmd_demo(args) -> None:
         _log(f"demo: {plan} on {device}; no reference timing for GPUs: the measured speed is printed "
              f"after each run's first steps")
     else:
-        est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps, jobs)
+        done = {} if args.fresh or need_prepare else {
+            (r, k): C.steps_done(C.run_dir(runs, r, k)) for r in rows for k in range(seeds)}
+        est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps, jobs, done)
         _log(f"demo: {plan}; expect about {est / 60:.0f} min on an idle 2-core CPU like the one the README's "
              f"numbers come from (more on a slower or busy machine: the step count is fixed, so the results "
              f"are the same, only the time changes; the measured speed is printed after each run's first steps)")
@@ -465,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="per-utterance hypotheses JSONL (default RUN/hyp_<manifest>_b<beams>.jsonl)")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_eval)
+
+    p = command("report", "write compare.md/.png again from compare.json (same runs, current analysis)")
+    p.add_argument("--results", default=str(RESULTS), help="folder with compare.json")
+    p.set_defaults(fn=lambda a: __import__("asr_reference.compare", fromlist=["rerender"]).rerender(Path(a.results), log=_log))
 
     p = command("diagnose", "where a run's errors come from: encoder CTC, VQ token CTC and LLM WER per test set")
     p.add_argument("--run", required=True, nargs="+", help="one or more run folders")

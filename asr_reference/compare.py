@@ -46,11 +46,13 @@ PAIRS = (("soft", "none"), ("soft", "plain"), ("hard", "none"), ("soft-no-ctc", 
 # results were made on (LM pretraining, data preparation, seconds per training step of each row,
 # decoding one run on every test set). A different machine takes longer or shorter; the results do not
 # change, because the step count is fixed. The measured speed is printed after each run's first steps.
-REFERENCE_CPU = {"cores": 2, "prepare": 60.0, "lm": 186.0, "eval": 10.0,
-                 "step_parallel": {"none": 0.35, "hard": 0.33, "soft": 0.36, "plain": 0.35, "soft-no-ctc": 0.35,
-                                   "hard-soft": 0.31},
-                 "step": {"none": 0.151, "hard": 0.136, "soft": 0.16, "plain": 0.15, "soft-no-ctc": 0.15,
-                          "hard-soft": 0.16}}
+REFERENCE_CPU = {"cores": 2, "prepare": 80.0, "lm": 370.0, "eval": 30.0,
+                 # per run, with one single-threaded process per core (demo --compare's default)
+                 "step_parallel": {"none": 0.38, "hard": 0.36, "soft": 0.39, "plain": 0.37, "soft-no-ctc": 0.38,
+                                   "hard-soft": 0.39},
+                 # one run alone with both cores
+                 "step": {"none": 0.32, "hard": 0.30, "soft": 0.33, "plain": 0.31, "soft-no-ctc": 0.32,
+                          "hard-soft": 0.33}}
 
 
 def resolve_rows(rows: list[str] | None, hard_soft: bool = False) -> list[str]:
@@ -72,19 +74,25 @@ def run_dir(runs: Path, row: str, seed_index: int) -> Path:
 
 
 def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool, need_lm: bool,
-                     hard_soft_steps: int = 0, jobs: int = 1) -> float:
+                     hard_soft_steps: int = 0, jobs: int = 1, done: dict | None = None) -> float:
     """Wall seconds on the reference CPU: preparation and LM pretraining, then the runs (each trained
-    and decoded). ``jobs`` > 1 processes share its cores, so the runs take their total work divided by
-    the cores in use, and never less than the longest run; hard-soft runs after the rest."""
+    and decoded; ``done[(row, seed_index)]``: steps a run folder already has). ``jobs`` > 1 processes
+    share the cores, so the runs take their total work divided by the cores in use, and never less
+    than the longest run; hard-soft runs after the rest."""
     ref = REFERENCE_CPU
     step = ref["step_parallel"] if jobs > 1 else ref["step"]
     cores = min(jobs, ref["cores"])
+    done = done or {}
+
+    def run_time(row: str, k: int) -> float:
+        n = hard_soft_steps if row == "hard-soft" else steps
+        return max(0, n - done.get((row, k), 0)) * step.get(row, 0.4) + ref["eval"]
 
     def span(times: list[float]) -> float:
         return max(sum(times) / cores, max(times, default=0.0))
 
-    first = [steps * step.get(r, 0.16) + ref["eval"] for r in rows if r != "hard-soft" for _ in range(seeds)]
-    second = [hard_soft_steps * step.get(r, 0.16) + ref["eval"] for r in rows if r == "hard-soft" for _ in range(seeds)]
+    first = [run_time(r, k) for r in rows if r != "hard-soft" for k in range(seeds)]
+    second = [run_time(r, k) for r in rows if r == "hard-soft" for k in range(seeds)]
     return ref["prepare"] * need_prepare + ref["lm"] * need_lm + span(first) + span(second)
 
 
@@ -209,7 +217,7 @@ def _train_and_eval(row: str, seed_index: int, train_kw: dict, beams: int, threa
     return summary, eval_run(run, train_kw["data"], beams, train_kw["device"], log=log)
 
 
-def _steps_done(run: Path) -> int:
+def steps_done(run: Path) -> int:
     """The last logged step of a run (its train_log.jsonl is written every 10 steps)."""
     try:
         with open(run / "train_log.jsonl", "rb") as f:
@@ -255,7 +263,7 @@ def run_all(rows: list[str], seeds: int, *, jobs: int, train_kw: dict, beams: in
                     failed = [f for f in done if f.exception() is not None]
                     finished.update(futures[f] for f in done if f.exception() is None)
                     # the logs lag by up to 10 steps: a finished run counts all of its steps
-                    steps_now = sum(n_steps(r) if (r, k) in finished else _steps_done(run_dir(train_kw["runs"], r, k))
+                    steps_now = sum(n_steps(r) if (r, k) in finished else steps_done(run_dir(train_kw["runs"], r, k))
                                     for ph in phases for r, k in ph)
                     bar.update(max(0, steps_now - bar.n))
                     if failed:
@@ -285,7 +293,7 @@ def analyse(results: dict, n_resamples: int = 1000) -> dict:
     :data:`PAIRS` whose rows ran a paired bootstrap per set (and on all OOD sets pooled)."""
     import numpy as np
 
-    from asr_reference.significance import mean_errors, paired_bootstrap, wer_interval
+    from asr_reference.significance import mean_errors, paired_bootstrap, pool_by_sentence, read_refs, wer_interval
 
     rows = list(results)
     sets = list(results[rows[0]][0])
@@ -312,6 +320,7 @@ def analyse(results: dict, n_resamples: int = 1000) -> dict:
                 cell["wer_ci95"] = list(wer_interval(err, words, n_resamples))
             cells[r][s] = cell
     pairs = {}
+    pooled_unit = None
     for a, b in PAIRS:
         if a not in results or b not in results:
             continue
@@ -319,13 +328,13 @@ def analyse(results: dict, n_resamples: int = 1000) -> dict:
         for s in sets:
             (ea, w), (eb, _) = errors[a][s], errors[b][s]
             per[s] = paired_bootstrap(ea, eb, w, n_resamples)
-        if _ood(sets):  # pooled OOD: every OOD utterance once (the default sets share the test sentences)
-            ea = np.concatenate([errors[a][s][0] for s in _ood(sets)])
-            eb = np.concatenate([errors[b][s][0] for s in _ood(sets)])
-            w = np.concatenate([errors[a][s][1] for s in _ood(sets)])
+        if _ood(sets):  # pooled OOD: sentence clusters when the sets render the same sentences
+            ea, eb, w, unit = pool_by_sentence([(errors[a][s][0], errors[b][s][0], errors[a][s][1],
+                                                 read_refs(results[a][0][s]["hypotheses"])) for s in _ood(sets)])
+            pooled_unit = unit
             per["ood_pooled"] = paired_bootstrap(ea, eb, w, n_resamples)
         pairs[f"{a} vs {b}"] = per
-    return {"sets": sets, "cells": cells, "pairs": pairs, "resamples": n_resamples}
+    return {"sets": sets, "cells": cells, "pairs": pairs, "resamples": n_resamples, "pooled_unit": pooled_unit}
 
 
 def _pct(x: float) -> str:
@@ -358,7 +367,10 @@ def markdown(analysis: dict, meta: dict) -> str:
     lines += ["", "## Paired differences", "",
               f"WER(a) - WER(b) in points (negative: a is better), paired bootstrap over utterances "
               f"({analysis['resamples']} resamples, seed-mean errors per utterance), 95% interval; "
-              f"\"significant\" only where the interval excludes 0. `ood_pooled`: every OOD utterance once.", "",
+              f"\"significant\" only where the interval excludes 0. `ood_pooled`: all OOD sets together, "
+              + ("resampling test sentences (each with its errors summed over the OOD conditions, which render "
+                 "the same sentences: utterances of one sentence are not independent)"
+                 if analysis.get("pooled_unit") == "sentence" else "every OOD utterance once") + ".", "",
               "| a vs b | set | WER(a) - WER(b) | 95% interval | |", "|---|---|---:|---|---|"]
     for pair, per in pairs.items():
         for s, r in per.items():
@@ -418,6 +430,27 @@ def write_compare(results: dict, summaries: list[dict], meta: dict, out: Path, l
     plot(analysis, meta["seeds"], out, log)
     log(f"demo: wrote {out / 'compare.md'}, compare.json, compare.png")
     return analysis
+
+
+def rerender(out: Path, log=print) -> dict:
+    """compare.md/.json/.png again from ``out/compare.json`` (its runs' hypotheses files must still
+    exist): the analysis of the current code over the same decoded runs; timings and setup are kept."""
+    path = Path(out) / "compare.json"
+    if not path.is_file():
+        from asr_reference.errors import ASRError
+
+        raise ASRError(f"{path}: not found (run demo --compare first)")
+    saved = json.loads(path.read_text())
+    meta = {k: saved[k] for k in ("command", "device", "machine", "load_before", "minutes", "seeds", "steps",
+                                  "rows", "setup") if k in saved}
+    for row in saved["results"].values():
+        for seed_res in row:
+            for res in seed_res.values():
+                if not Path(res["hypotheses"]).is_file():
+                    from asr_reference.errors import ASRError
+
+                    raise ASRError(f"{res['hypotheses']}: missing (compare.json lists it; the runs were moved or deleted)")
+    return write_compare(saved["results"], saved["train"], meta, Path(out), log=log)
 
 
 def machine() -> str:

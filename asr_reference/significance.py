@@ -70,6 +70,26 @@ def wer_interval(err, words, n_resamples: int = N_RESAMPLES, seed: int = 0, leve
     return round(float(lo), 4), round(float(hi), 4)
 
 
+def read_refs(hyp_file: str | Path) -> list[str]:
+    """The (normalised) reference transcripts of an ``evaluate`` hypotheses file, in order."""
+    return [json.loads(line)["ref"] for line in Path(hyp_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pool_by_sentence(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]]):
+    """Pool several test sets for one bootstrap: ``sets`` = [(errors a, errors b, words, refs)].
+
+    Sets that are renderings of the same sentences in the same order (the default out-of-domain sets)
+    are not independent: a hard sentence is hard in every condition. They are pooled by sentence, so
+    the bootstrap resamples sentences (each with its errors summed over the conditions), not the
+    correlated utterances, whose intervals would be too narrow. Other sets are concatenated.
+    Returns (errors a, errors b, words, "sentence" | "utterance")."""
+    refs = [r for *_, r in sets]
+    if all(r == refs[0] for r in refs[1:]):
+        return (sum(a for a, *_ in sets), sum(b for _, b, *_ in sets), sum(w for _, _, w, _ in sets), "sentence")
+    return (np.concatenate([a for a, *_ in sets]), np.concatenate([b for _, b, *_ in sets]),
+            np.concatenate([w for _, _, w, _ in sets]), "utterance")
+
+
 def mean_errors(hyp_files: list[str | Path]) -> tuple[np.ndarray, np.ndarray]:
     """Per-utterance word errors averaged over several runs (seeds) of one system, and reference words;
     the files must list the same utterances in the same order."""

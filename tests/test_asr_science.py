@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,6 +331,10 @@ def test_estimate_schedules_parallel_runs():
     assert estimate_seconds(["soft"], 100, 3, True, True, jobs=3) == pytest.approx(
         1.5 * par + REFERENCE_CPU["prepare"] + REFERENCE_CPU["lm"])
     assert estimate_seconds(["soft"], 100, 1, False, False, jobs=3) == pytest.approx(par)  # one run: one core
+    # a finished run only decodes; a half-trained one trains its remaining steps
+    assert estimate_seconds(["soft"], 100, 1, False, False, done={("soft", 0): 100}) == REFERENCE_CPU["eval"]
+    assert estimate_seconds(["soft"], 100, 1, False, False, done={("soft", 0): 40}) == pytest.approx(
+        60 * REFERENCE_CPU["step"]["soft"] + REFERENCE_CPU["eval"])
 
 
 def test_stale_data_and_lm_are_detected(tmp_path):
@@ -433,3 +438,53 @@ def test_corpus_templates_are_data_and_the_corpus_is_unchanged():
         corpus.fill("{nothing}", random.Random(0), past=False)
     # a different template table gives different sentences (the table is what drives the output)
     assert corpus.sentence(random.Random(3), ["hello {place}"]).startswith("Hello the ")
+
+
+def test_pooled_ood_resamples_sentences_not_correlated_utterances():
+    """Seven renderings of the same sentences are not seven independent samples: pooled by sentence, the
+    interval is as wide as the data supports (up to sqrt(7) wider than treating utterances as independent)."""
+    from asr_reference.significance import paired_bootstrap, pool_by_sentence
+
+    rng = np.random.default_rng(3)
+    n = 120
+    words = rng.integers(4, 12, n).astype(float)
+    hard = rng.uniform(0, 1, n)  # a per-sentence difficulty every condition shares
+    gain = rng.uniform(0.5, 1.3, n)  # and a per-sentence advantage of b over a
+    refs = [f"s{i}" for i in range(n)]
+    sets = []
+    for _ in range(7):
+        ea = np.round(words * np.clip(hard + rng.normal(0, 0.05, n), 0, 1))
+        eb = np.round(words * np.clip(hard * gain + rng.normal(0, 0.05, n), 0, 1))
+        sets.append((ea, eb, words, refs))
+    ea, eb, w, unit = pool_by_sentence(sets)
+    assert unit == "sentence" and ea.shape == (n,) and w.sum() == 7 * words.sum()
+    clustered = paired_bootstrap(ea, eb, w, 500)
+    flat = paired_bootstrap(*(np.concatenate([s[k] for s in sets]) for k in range(3)), 500)
+    assert clustered["diff"] == pytest.approx(flat["diff"], abs=1e-4)  # the same point estimate
+    assert (clustered["hi"] - clustered["lo"]) > 1.6 * (flat["hi"] - flat["lo"])
+    # sets of different sentences are independent: concatenated
+    other = [(sets[0][0], sets[0][1], words, refs), (sets[1][0], sets[1][1], words, [r + "x" for r in refs])]
+    assert pool_by_sentence(other)[3] == "utterance" and pool_by_sentence(other)[0].shape == (2 * n,)
+
+
+def test_report_rerenders_from_compare_json(tmp_path, capsys):
+    from asr_reference.__main__ import main
+    from asr_reference.compare import write_compare
+
+    results = _fake_results(tmp_path, ["none", "soft"], seeds=1)
+    meta = {"command": "python -m asr_reference demo --compare", "machine": "test", "load_before": "0",
+            "minutes": 12.5, "seeds": 1, "steps": 5, "rows": ["none", "soft"], "setup": "tiny setup"}
+    train = [{"run": "r/vq_soft", "steps": 5, "trained_steps": 5, "seconds": 1.0, "loss": 1, "ce": 1}]
+    out = tmp_path / "out"
+    write_compare(results, train, meta, out, log=lambda *_: None)
+    (out / "compare.md").write_text("stale")
+    main(["report", "--results", str(out)])
+    md = (out / "compare.md").read_text()
+    assert "12.5 min wall time" in md and "tiny setup" in md and "| soft vs none | test_in |" in md
+    Path(results["soft"][0]["test_in"]["hypotheses"]).unlink()
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--results", str(out)])
+    assert exc.value.code == 2 and "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--results", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "not found" in capsys.readouterr().err
