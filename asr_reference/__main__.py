@@ -1,6 +1,6 @@
 """Command line: ``python -m asr_reference prepare | pretrain-lm | train | eval | demo``.
 
-Quick start (CPU, ~9 minutes measured on 2 cores, everything made locally):
+Quick start (CPU; each command prints its time estimate first; everything made locally):
 
     python -m asr_reference demo                 # data, LM, ASR training, WER in and out of domain
     python -m asr_reference demo --compare       # none / hard / soft / plain / soft-no-ctc, table + bootstrap under asr_reference/results/

@@ -217,6 +217,20 @@ def _train_and_eval(row: str, seed_index: int, train_kw: dict, beams: int, threa
     return summary, eval_run(run, train_kw["data"], beams, train_kw["device"], log=log)
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a worker whose demo process was killed stops too (its run keeps the
+    checkpoints, so the same command resumes it) instead of training on as an orphan."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def steps_done(run: Path) -> int:
     """The last logged step of a run (its train_log.jsonl is written every 10 steps)."""
     try:
@@ -253,7 +267,8 @@ def run_all(rows: list[str], seeds: int, *, jobs: int, train_kw: dict, beams: in
         finished: set[tuple[str, int]] = set()
         log(f"demo: {sum(map(len, phases))} runs over {jobs} parallel processes, {threads} torch thread(s) each")
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, \
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool, \
                 tqdm(total=total, desc="demo", unit="step", mininterval=5) as bar:
             for phase in phases:
                 futures = {pool.submit(_train_and_eval, r, k, train_kw, beams, threads, True): (r, k) for r, k in phase}

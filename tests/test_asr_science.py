@@ -488,3 +488,45 @@ def test_report_rerenders_from_compare_json(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", "--results", str(tmp_path / "nowhere")])
     assert exc.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_parallel_workers_stop_when_the_demo_process_is_killed(tmp_path):
+    """A killed demo must not leave its training workers running as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from asr_reference.compare import _exit_with_parent\n"
+        "def work(_):\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=_exit_with_parent, initargs=(os.getpid(),))\n"
+        "    pool.submit(work, 0)\n"
+        "    time.sleep(1)\n"
+        "    print(*[p.pid for p in pool._processes.values()], flush=True)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        # a zombie (dead, not yet reaped by init) counts as stopped
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.5)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent by 20 s")
