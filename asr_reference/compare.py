@@ -308,11 +308,12 @@ def analyse(results: dict, n_resamples: int = 1000) -> dict:
     :data:`PAIRS` whose rows ran a paired bootstrap per set (and on all OOD sets pooled)."""
     import numpy as np
 
-    from asr_reference.significance import mean_errors, paired_bootstrap, pool_by_sentence, read_refs, wer_interval
+    from asr_reference.significance import paired_bootstrap, pool_by_sentence, read_refs, seed_errors, wer_interval
 
     rows = list(results)
     sets = list(results[rows[0]][0])
-    errors = {r: {s: mean_errors([seed_res[s]["hypotheses"] for seed_res in results[r]]) for s in sets} for r in rows}
+    # (seeds, utterances) word errors: the bootstraps resample seeds as well as utterances
+    errors = {r: {s: seed_errors([seed_res[s]["hypotheses"] for seed_res in results[r]]) for s in sets} for r in rows}
     cells = {}
     for r in rows:
         cells[r] = {}
@@ -369,7 +370,8 @@ def markdown(analysis: dict, meta: dict) -> str:
              f"Command: `{meta['command']}`", "",
              f"Machine: {meta['machine']}; {meta['minutes']:.1f} min wall time in all "
              f"(load average {meta['load_before']} before the run: the machine may have been shared).", "",
-             f"WER (%), {spread}; [95% bootstrap interval over utterances, {analysis['resamples']} resamples]:", "",
+             f"WER (%), {spread}; [95% bootstrap interval over utterances"
+             + (" and seeds" if seeds > 1 else "") + f", {analysis['resamples']} resamples]:", "",
              "| system | " + " | ".join(sets) + (" | mean OOD |" if has_ood else " |"),
              "|---|" + "---:|" * (len(sets) + has_ood)]
     for row, c in cells.items():
@@ -381,7 +383,9 @@ def markdown(analysis: dict, meta: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(_cell(c[s], "cer") for s in sets) + " |")
     lines += ["", "## Paired differences", "",
               f"WER(a) - WER(b) in points (negative: a is better), paired bootstrap over utterances "
-              f"({analysis['resamples']} resamples, seed-mean errors per utterance), 95% interval; "
+              f"({analysis['resamples']} resamples"
+              + (", each also drawing every system's seeds with replacement: the interval covers the spread "
+                 "between training seeds as well as between utterances" if seeds > 1 else "") + "), 95% interval; "
               f"\"significant\" only where the interval excludes 0. `ood_pooled`: all OOD sets together, "
               + ("resampling test sentences (each with its errors summed over the OOD conditions, which render "
                  "the same sentences: utterances of one sentence are not independent)"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from asr_reference.data import espeak_available
-from asr_reference.significance import mean_errors, paired_bootstrap, read_errors, wer_interval
+from asr_reference.significance import paired_bootstrap, read_errors, seed_errors, wer_interval
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed")
 
@@ -71,7 +71,7 @@ def test_bootstrap_rejects_mismatched_inputs():
         paired_bootstrap([1, 2], [1], [3, 3])
 
 
-def test_read_and_mean_errors(tmp_path):
+def test_read_and_seed_errors(tmp_path):
     rows = [{"audio_filepath": "a.wav", "ref": "a b c", "hyp": "a b", "word_errors": 1, "ref_words": 3},
             {"audio_filepath": "b.wav", "ref": "d e", "hyp": "x y", "word_errors": 2, "ref_words": 2}]
     f1, f2 = tmp_path / "1.jsonl", tmp_path / "2.jsonl"
@@ -79,12 +79,35 @@ def test_read_and_mean_errors(tmp_path):
     f2.write_text("".join(json.dumps(dict(r, word_errors=0)) + "\n" for r in rows))
     paths, err, words = read_errors(f1)
     assert paths == ["a.wav", "b.wav"] and list(err) == [1, 2] and list(words) == [3, 2]
-    err, words = mean_errors([f1, f2])
-    assert list(err) == [0.5, 1.0]
+    err, words = seed_errors([f1, f2])
+    assert err.tolist() == [[1, 2], [0, 0]] and list(words) == [3, 2]
     f3 = tmp_path / "3.jsonl"
     f3.write_text(json.dumps(rows[1]) + "\n" + json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match="not the same utterances"):
-        mean_errors([f1, f3])
+        seed_errors([f1, f3])
+
+
+def test_bootstrap_with_seeds_covers_the_seed_spread():
+    """Seed means 5 points apart, but seeds that scatter by +-15 points: resampling utterances of the seed
+    means alone calls it significant; resampling seeds too does not. With seeds that agree it does."""
+    rng = np.random.default_rng(7)
+    n = 400
+    words = rng.integers(5, 15, n).astype(float)
+    base = rng.uniform(0.2, 0.6, n)
+
+    def system(offsets):
+        return np.stack([rng.binomial(words.astype(int), np.clip(base + o, 0, 1)).astype(float) for o in offsets])
+
+    a, b = system([-0.10, 0.05, 0.20]), system([-0.10, 0.0, 0.05])
+    assert paired_bootstrap(a.mean(0), b.mean(0), words, 500)["significant"]
+    res = paired_bootstrap(a, b, words, 500)
+    assert not res["significant"] and res["seeds"] == [3, 3]
+    assert res["diff"] == pytest.approx(paired_bootstrap(a.mean(0), b.mean(0), words, 500)["diff"], abs=1e-4)
+    steady_a, steady_b = system([0.05, 0.05, 0.05]), system([0.0, 0.0, 0.0])
+    assert paired_bootstrap(steady_a, steady_b, words, 500)["significant"]
+    lo, hi = wer_interval(a, words, 500)
+    lo1, hi1 = wer_interval(a.mean(0), words, 500)
+    assert hi - lo > 2 * (hi1 - lo1)  # the seed spread widens a system's own interval too
 
 
 # ------------------------------------------------------------------------------------ compare tables
