@@ -25,7 +25,8 @@ import jiwer
 import torch
 
 from asr_reference.data import normalize_text
-from asr_reference.dataset import AudioDataset, make_loader, sorted_batches
+from asr_reference.dataset import AudioDataset, make_loader
+from asr_reference.evaluate import length_sorted_batches
 from asr_reference.lm import encode
 from asr_reference.model import CTC_CHARS, lengths_to_mask
 
@@ -117,12 +118,8 @@ def diagnose(model, manifest: str | Path | AudioDataset, batch_size: int = 32, l
     WERs are fractions over the whole set (jiwer on lists of ``normalize_text`` strings), rounded to 4
     digits. Runs in eval mode without gradients.
     """
-    data = manifest if isinstance(manifest, AudioDataset) else \
-        AudioDataset(manifest, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    data, idx_all, batches = length_sorted_batches(model, manifest, batch_size, limit)
     device = next(model.parameters()).device
-    idx_all = list(range(len(data)))[:limit]
-    lens = [data.lens[i] for i in idx_all]
-    batches = [[idx_all[b] for b in batch] for batch in sorted_batches(lens, batch_size)]
     head = _ctc_head_units(model)
     token_ctc = bool(model.token_scores)
     hyps: dict[int, str] = {}

@@ -21,6 +21,17 @@ def error_rates(refs: list[str], hyps: list[str]) -> tuple[float, float]:
     return float(jiwer.wer(refs, hyps)), float(jiwer.cer(refs, hyps))
 
 
+def length_sorted_batches(model, manifest: str | Path | AudioDataset, batch_size: int, limit: int | None = None):
+    """(dataset, utterance indices, batches of indices sorted by length) for decoding ``manifest`` (or a
+    dataset) with ``model``; the first ``limit`` utterances only. Every decoder batches the same way:
+    padding changes the encoder's last frames, so other batches would give (slightly) other numbers."""
+    data = manifest if isinstance(manifest, AudioDataset) else \
+        AudioDataset(manifest, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    idx_all = list(range(len(data)))[:limit]
+    lens = [data.lens[i] for i in idx_all]
+    return data, idx_all, [[idx_all[b] for b in batch] for batch in sorted_batches(lens, batch_size)]
+
+
 def evaluate(model, manifest: str | Path | AudioDataset, batch_size: int = 32, num_beams: int = 1,
              limit: int | None = None, out_file: str | Path | None = None, workers: int = 0,
              max_new_tokens: int | None = None) -> dict:
@@ -30,12 +41,8 @@ def evaluate(model, manifest: str | Path | AudioDataset, batch_size: int = 32, n
     (both normalised) and the utterance's word errors. ``max_new_tokens`` None = from each batch's audio
     length (:meth:`LLMASR.token_budget`).
     """
-    data = manifest if isinstance(manifest, AudioDataset) else \
-        AudioDataset(manifest, sample_rate=model.sample_rate, max_seconds=model.max_seconds)
+    data, idx_all, batches = length_sorted_batches(model, manifest, batch_size, limit)
     device = next(model.parameters()).device
-    idx_all = list(range(len(data)))[:limit]
-    lens = [data.lens[i] for i in idx_all]
-    batches = [[idx_all[b] for b in batch] for batch in sorted_batches(lens, batch_size)]
     hyps: dict[int, str] = {}
     t0 = time.time()
     model.eval()
