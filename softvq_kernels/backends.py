@@ -25,6 +25,8 @@ The reference backend is the exception: it is plain PyTorch differentiated by au
 
 from __future__ import annotations
 
+import math
+
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -47,7 +49,8 @@ class Scoring(NamedTuple):
 
 class BackwardPieces(NamedTuple):
     """What a fused backward computes in its pass over the vocabulary (accumulation dtype), with
-    ds_tv = dL/ds_tv, p_tv, u_tv = log p_tv + log V, q = codebook_inv_norm, r = x_inv_norm (1 unless cosine),
+    ds_tv = dL/ds_tv, p_tv, u_tv = s_tv - score_centre(lse, V)_t (one rounding from the true score; in exact
+    arithmetic log p_tv + log V), q = codebook_inv_norm, r = x_inv_norm (1 unless cosine),
     kappa_v = (2 if l2 else 1) / tau, times q_v for cosine:
 
     grad_x_raw (T, d)      sum_v ds_tv kappa_v c_v
@@ -67,6 +70,14 @@ class BackwardPieces(NamedTuple):
     p_u_rows: torch.Tensor
     ds_cols: Optional[torch.Tensor]
     ds_s_cols: Optional[torch.Tensor]
+
+
+def score_centre(lse: torch.Tensor, V: int) -> torch.Tensor:
+    """c_t = lse_t - log V (T,): the row centre of u_tv = s_tv - c_t in ``BackwardPieces``; the epilogue
+    adds the same c_t back. Subtracting it from the true score in one rounding keeps u accurate where the
+    scores are tiny (large tau: s ~ 1/tau while lse ~ log V), which (s - lse) + log V is not; in one-hot
+    rows u is the exact difference of two close numbers."""
+    return lse - math.log(V) if V > 0 else lse
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,11 @@ The chunk width comes from ``softvq_kernels.planning`` (one memory budget for ev
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from softvq_kernels import planning
-from softvq_kernels.backends import BackwardPieces, Scoring
+from softvq_kernels.backends import BackwardPieces, Scoring, score_centre
 from softvq_kernels.reference import accumulation_dtype
 
 
@@ -58,6 +57,18 @@ class _Scorer:
 
     def true_lse(self, lse_a):
         return lse_a - self.frame_offset if self.distance == "l2" else lse_a
+
+    def true_scores(self, start, stop):
+        """(codebook chunk, true scores s_tv of the chunk), formed as in every other pass."""
+        c, s = self(start, stop)
+        if self.distance == "l2":
+            s.sub_(self.frame_offset[:, None])
+        return c, s
+
+    @staticmethod
+    def probs_from_true_scores(s, lse):
+        """p = exp(s - lse), bitwise the values ``log_probs`` gives (same two roundings)."""
+        return (s - lse[:, None]).exp_()
 
     def log_probs(self, start, stop, lse):
         """(codebook chunk, log p chunk) with p recomputed from the true-score lse: exp(s - lse).
@@ -178,23 +189,23 @@ def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
     p_u_rows = torch.zeros(T, dtype=acc, device=dev)
     ds_cols = torch.empty(V, dtype=acc, device=dev) if distance == "l2" else None
     ds_s_cols = torch.empty(V, dtype=acc, device=dev) if distance == "cosine" else None
-    log_vocab = math.log(V)
+    centre = score_centre(lse, V)
     for start, stop in _chunks(T, V, acc):
-        c, log_p = scorer.log_probs(start, stop, lse)
-        p = log_p.exp()
+        c, s = scorer.true_scores(start, stop)
+        p = scorer.probs_from_true_scores(s, lse)
         dp = torch.addmm(-delta[:, None], g, c.T)
         if gn is not None:
             dp += gn[start:stop]
         ds = torch.where(p == 1.0, gamma[:, None], dp.mul_(p))
-        u = log_p.add_(log_vocab)  # log_p is not needed after p
+        if distance == "cosine":
+            ds_s_cols[start:stop] = (ds * s).sum(dim=0)
+        u = s.sub_(centre[:, None])  # s is not needed after this
         ds_u_rows += (ds * u).sum(dim=1)
         p_u_rows += (p * u).sum(dim=1)
         ds_rows += ds.sum(dim=1)
         if distance == "l2":
             ds_cols[start:stop] = ds.sum(dim=0)
         if distance == "cosine":
-            s = u.sub_(log_vocab).add_(lse[:, None])  # the true scores
-            ds_s_cols[start:stop] = (ds * s).sum(dim=0)
             ds_k = ds.mul_(scoring.codebook_inv_norm[start:stop].to(acc) * key_scale)
         else:
             ds_k = ds.mul_(key_scale)

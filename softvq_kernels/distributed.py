@@ -154,7 +154,7 @@ def _shard_epilogue(pieces, x, codebook, tau, scoring, lse):
     acc = tau.dtype
     V = codebook.shape[0]
     ds_rows = pieces.ds_rows
-    ds_s_rows = pieces.ds_u_rows + ds_rows * (lse - math.log(V))  # sum_v ds_tv s_tv (u = s - lse + log V)
+    ds_s_rows = pieces.ds_u_rows + ds_rows * backends.score_centre(lse, V)  # sum_v ds_tv s_tv (u = s - centre)
     grad_tau = -ds_s_rows.sum() / tau
     x_acc, c_acc = x.to(acc), codebook.to(acc)
     grad_codebook = pieces.grad_codebook.to(acc)

@@ -7,13 +7,10 @@ codebook (V, d), y (T, d) the forward's output, lse (T,), grad_lse (T,) or None.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from softvq_kernels.backends import BackwardPieces, Scoring
+from softvq_kernels.backends import BackwardPieces, Scoring, score_centre
 from softvq_kernels.reference import COSINE_EPS
-
 
 def finish_backward(pieces: BackwardPieces, x, codebook, tau, scoring: Scoring, y, lse, grad_lse):
     """-> grad_x (T, d), grad_codebook (V, d), grad_tau (0-dim), all in tau's (accumulation) dtype."""
@@ -25,8 +22,7 @@ def finish_backward(pieces: BackwardPieces, x, codebook, tau, scoring: Scoring, 
     # the forward's rounded y). ds as computed is ds + p * residual, so each row sum below takes
     # residual * (sum_v p ...) back off: exact for any per-row error, and 0 in one-hot rows.
     residual = pieces.ds_rows - gamma
-    log_v = math.log(V) if V > 0 else 0.0
-    ds_s_rows = pieces.ds_u_rows - residual * pieces.p_u_rows + gamma * (lse.to(acc) - log_v)  # sum_v ds s
+    ds_s_rows = pieces.ds_u_rows - residual * pieces.p_u_rows + gamma * score_centre(lse.to(acc), V)  # sum_v ds s
     grad_tau = -ds_s_rows.sum() / tau
     x_acc, y_acc = x.to(acc), y.to(acc)
     grad_codebook = pieces.grad_codebook.to(acc)
