@@ -1,0 +1,425 @@
+"""Static Hopper / Ampere check of the Triton kernels, without a GPU.
+
+What it does: runs the backend's own launchers (``softvq_kernels.triton.forward`` / ``backward`` /
+``lse_argmax``) on ``meta`` tensors of the reference shapes, with the config the sm_90 (or sm_80) table picks
+and each schedule switched on, and records every Triton launch instead of running it (the JIT's own binder
+gives the exact signature, specialisation and constexprs a GPU run would compile). Each distinct launch is then
+compiled for an explicit target (``triton.compile(..., target=GPUTarget("cuda", 90, 32))``: ptxas from the
+triton wheel, no driver needed) and its machine code is read:
+
+- registers and spill bytes (ptxas -v), dynamic shared memory (the launch's ``metadata.shared``);
+- spill instructions (STL / LDL) inside a loop: a loop body is the address range of a backward branch in
+  the SASS (``cuobjdump -sass``); a spill there costs local-memory traffic every iteration, one outside
+  every loop costs it once;
+- HGMMA (wgmma) / HMMA (mma.sync) and TMA (UTMALDG / UTMASTG / UBLKCP) instruction counts.
+
+A kernel fails when: it has spill instructions inside a loop; its ``tl.dot`` is not lowered to wgmma on
+sm_90 (every dot: no HMMA left) or to mma on sm_80; its shared memory exceeds the per-block limit; or ptxas
+says its wgmma are serialised.
+
+Run ``python -m softvq_kernels.triton.static_check`` (options: --help) for the table; it exits 1 when a
+kernel fails. Results are cached per compile (keyed on triton's own compile key: kernel source, constexprs,
+signature, options, target), so a rerun costs seconds. docs/kernels.md explains how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces @triton.jit: nothing to compile
+    raise ImportError("softvq_kernels.triton.static_check needs TRITON_INTERPRET unset (it compiles real kernels)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.compiler.compiler import get_cache_key  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from softvq_kernels.backends import Scoring  # noqa: E402
+from softvq_kernels.triton import common, configs  # noqa: E402
+
+# The package's forward / backward functions shadow these submodules' names: import the modules themselves.
+triton_forward = importlib.import_module("softvq_kernels.triton.forward")
+triton_backward = importlib.import_module("softvq_kernels.triton.backward")
+
+# T x V x d of the benchmarks (README): LLM vocabularies at their hidden sizes, plus the small-d sweep.
+REFERENCE_SHAPES = (
+    (4096, 32000, 256),
+    (16384, 32000, 128),
+    (16384, 32000, 64),
+    (65536, 128256, 256),
+    (8192, 151936, 896),
+    (8192, 128256, 2048),
+    (4096, 128256, 4096),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    capability: int
+    sm_count: int  # what planning.program_target would see (the vocabulary split depends on it)
+    smem_per_block: int  # the opt-in dynamic shared memory limit of one block, bytes
+    dot_instruction: str  # what a 16-bit tl.dot must become in SASS
+
+
+ARCHES = {
+    "sm_90": Arch(90, 132, 227 * 1024, "HGMMA"),  # H100 / H200 SXM: 228 KB per SM, 227 KB per block
+    "sm_80": Arch(80, 108, 163 * 1024, "HMMA"),  # A100: 164 KB per SM, 163 KB per block
+}
+
+# Schedules: KernelConfig fields switched on over the table's entry. "default" is what a GPU runs today.
+# Each runs the soft forward, the backward and the hard-mode forward (lse_argmax); a schedule that does not
+# apply at a shape (fused_* need next_pow2(d) <= fused_max_d, online_output needs score_gemm) is skipped there.
+SCHEDULES = {
+    "default": {},
+    "fused": {"fused_finish": True, "fused_backward": True},
+    "online_output": {"online_output": True},
+}
+# The same with code counts asked for and a gradient on them (extra kernels / constexpr variants).
+COUNTS_SUFFIX = "+counts"
+
+
+def schedule_applies(schedule: str, cfg: configs.KernelConfig, d: int) -> bool:
+    fused = triton.next_power_of_2(d) <= cfg.fused_max_d
+    base = schedule.removesuffix(COUNTS_SUFFIX)
+    if base == "fused":
+        return fused
+    if base == "online_output":
+        return not fused and cfg.score_gemm
+    return True
+
+
+def table_config(arch: str, V: int, d: int, dtype: torch.dtype) -> configs.KernelConfig:
+    """What configs.get_config returns on a GPU of this architecture (the committed table, no tuned files)."""
+    return configs.TABLES[arch].get((V, d, dtype)) or configs.default_config(V, d, dtype, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording the launches
+
+
+@dataclasses.dataclass
+class Launch:
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: object  # the backend's options (num_warps, num_stages, ...)
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def source(self) -> ASTSource:
+        return ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
+
+    def describe(self) -> str:
+        """The constexprs and launch options that make this compile differ from its siblings."""
+        names = self.fn.arg_names
+        shown = {names[path[0]]: value for path, value in self.constexprs.items() if len(path) == 1}
+        shown = {k: (str(v).removeprefix("triton.language.") if not isinstance(v, (int, bool)) else v)
+                 for k, v in shown.items()}
+        parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in shown.items()
+                 if k.startswith(("BLOCK", "D_PAD")) or v not in (0, False)]
+        return (" ".join(parts) + f" w{self.options.num_warps} s{self.options.num_stages}").strip()
+
+
+@contextlib.contextmanager
+def recording(arch: str):
+    """Inside the block every Triton launch is recorded (not run), bound for this architecture's target;
+    CUDA-only host paths (cuBLAS GEMMs) are taken for meta tensors as they would be on the GPU."""
+    target = GPUTarget("cuda", ARCHES[arch].capability, 32)
+    backend = make_backend(target)
+    launches: list[Launch] = []
+    binders: dict[int, object] = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = binders.get(id(self))
+        if binder is None:
+            binder = binders[id(self)] = create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+        launches.append(Launch(self, signature, constexprs, attrs, options))
+
+    saved_run, saved_cublas = JITFunction.run, common._cublas_can_take
+    JITFunction.run = record
+    common._cublas_can_take = lambda c, *operands: (
+        c.device.type in ("cuda", "meta") and c.dtype in (torch.float32, operands[0].dtype)
+        and operands[0].dtype in common._LOW_PRECISION and all(t.dtype == operands[0].dtype for t in operands))
+    try:
+        yield target, launches
+    finally:
+        JITFunction.run, common._cublas_can_take = saved_run, saved_cublas
+
+
+def record_launches(arch: str, shape: tuple[int, int, int], schedule: str, dtype=torch.bfloat16,
+                    distance: str = "l2") -> tuple[configs.KernelConfig, list[Launch]] | None:
+    """The config and the Triton launches of one forward + backward + hard-mode forward, or None when the
+    schedule does not apply at this shape."""
+    T, V, d = shape
+    base = table_config(arch, V, d, dtype)
+    if not schedule_applies(schedule, base, d):
+        return None
+    counts = schedule.endswith(COUNTS_SUFFIX)
+    cfg = dataclasses.replace(base, min_programs=2 * ARCHES[arch].sm_count,
+                              **SCHEDULES[schedule.removesuffix(COUNTS_SUFFIX)])
+    meta = dict(device="meta")
+    x = torch.empty(T, d, dtype=dtype, **meta)
+    codebook = torch.empty(V, d, dtype=dtype, **meta)
+    tau = torch.empty((), dtype=torch.float32, **meta)
+    scoring = Scoring(distance, *(() if distance != "cosine" else
+                                  (torch.empty(T, **meta), torch.empty(V, **meta))))
+    with recording(arch) as (_, launches), configs.override(cfg):
+        y, lse, _, _ = triton_forward.forward(x, codebook, tau, scoring, counts)
+        grad_counts = torch.empty(V, **meta) if counts else None
+        triton_backward.backward(torch.empty_like(x), x, codebook, tau, scoring, y, lse, None, grad_counts)
+        triton_forward.lse_argmax(x, codebook, tau, scoring)
+    return cfg, launches
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reading the machine code
+
+
+def _triton_tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+_ADDRESS = r"/\*([0-9a-f]{4,})\*/"
+_BRANCH = re.compile(_ADDRESS + r"\s+(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z.]+)?\s+(?:`\()?0x([0-9a-f]+)")
+_SPILL = re.compile(_ADDRESS + r"\s+(?:@!?U?P[T0-9]+\s+)?(STL|LDL)\b")
+
+
+def loop_ranges(sass: str) -> list[tuple[int, int]]:
+    """[(first, last)] address ranges of the loop bodies: every backward branch closes one."""
+    ranges = []
+    for match in _BRANCH.finditer(sass):
+        at, target = int(match.group(1), 16), int(match.group(2), 16)
+        if target <= at:
+            ranges.append((target, at))
+    return ranges
+
+
+def sass_counts(sass: str) -> dict[str, int]:
+    """Instruction counts the check reads: spills (all / inside a loop), tensor-core ops, TMA ops."""
+    loops = loop_ranges(sass)
+    spills = [(int(m.group(1), 16), m.group(2)) for m in _SPILL.finditer(sass)]
+    in_loop = [(at, op) for at, op in spills if any(lo <= at <= hi for lo, hi in loops)]
+    return {
+        "spill_instrs": len(spills),
+        "spill_instrs_in_loops": len(in_loop),
+        "loops": len(loops),
+        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "hmma": len(re.findall(r"\bHMMA\.", sass)),
+        "tma": len(re.findall(r"\b(?:UTMALDG|UTMASTG|UTMAPF|UBLKCP|UTMAREDG)\b", sass)),
+    }
+
+
+def ptxas_figures(log: str) -> dict:
+    """Registers, spill bytes per thread and the wgmma serialisation warning from ptxas -v output."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    serialised = [line.strip() for line in log.splitlines() if "wgmma" in line and "serializ" in line]
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_store_bytes": int(spill.group(1)) if spill else 0,
+        "spill_load_bytes": int(spill.group(2)) if spill else 0,
+        "wgmma_serialized": serialised,
+    }
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SOFTVQ_STATIC_CHECK_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "softvq_kernels" / "static_check"
+
+
+def compile_and_read(launch: Launch, target: GPUTarget, use_cache: bool = True) -> dict:
+    """Compile one launch for ``target`` and read its figures (cached on triton's compile key)."""
+    backend = make_backend(target)
+    src = launch.source()
+    key = hashlib.sha256(
+        (get_cache_key(src, backend, launch.options, env_vars={}) + triton.__version__ + "v1").encode()).hexdigest()
+    cached = cache_dir() / f"{key}.json"
+    if use_cache and cached.is_file():
+        return json.loads(cached.read_text())
+    start = time.perf_counter()
+    log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True  # ptxas runs, its -v log printed
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=target, options=launch.options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([_triton_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    ttgir = kernel.asm["ttgir"]
+    figures = {
+        "kernel": launch.name,
+        "variant": launch.describe(),
+        **ptxas_figures(log.getvalue()),
+        "smem_bytes": kernel.metadata.shared,
+        **sass_counts(sass),
+        "dots": len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"])),
+        "dots_not_wgmma": len(re.findall(r"\btt\.dot\b", ttgir)),  # on sm_90 every dot should be ttng.warp_group_dot
+        "compile_s": round(time.perf_counter() - start, 1),
+    }
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(figures))
+    return figures
+
+
+def failures(figures: dict, arch: str) -> list[str]:
+    """Why this compile fails the check (empty: it passes)."""
+    spec = ARCHES[arch]
+    out = []
+    if figures["spill_instrs_in_loops"]:
+        out.append(f"{figures['spill_instrs_in_loops']} spill instructions inside loops "
+                   f"({figures['spill_store_bytes']}/{figures['spill_load_bytes']} B spill st/ld per thread)")
+    if figures["dots"]:
+        if spec.dot_instruction == "HGMMA" and (figures["hgmma"] == 0 or figures["hmma"] or figures["dots_not_wgmma"]):
+            out.append(f"tl.dot not all wgmma ({figures['hgmma']} HGMMA, {figures['hmma']} HMMA)")
+        if spec.dot_instruction == "HMMA" and figures["hmma"] == 0:
+            out.append("tl.dot not lowered to mma (no HMMA)")
+    if figures["smem_bytes"] > spec.smem_per_block:
+        out.append(f"shared memory {figures['smem_bytes']} B > {spec.smem_per_block} B per block")
+    if figures["wgmma_serialized"]:
+        out.append("ptxas: wgmma serialized")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep and its table
+
+
+def sweep(arches, shapes, schedules, *, use_cache=True, progress=None) -> list[dict]:
+    """One row per distinct compile: its figures, failures, and where (shape, schedule) it is launched."""
+    rows: dict[str, dict] = {}
+    for arch in arches:
+        target = GPUTarget("cuda", ARCHES[arch].capability, 32)
+        backend = make_backend(target)
+        for shape in shapes:
+            for schedule in schedules:
+                recorded = record_launches(arch, shape, schedule)
+                if recorded is None:
+                    continue
+                for launch in recorded[1]:
+                    key = arch + get_cache_key(launch.source(), backend, launch.options, env_vars={})
+                    row = rows.get(key)
+                    if row is None:
+                        figures = compile_and_read(launch, target, use_cache)
+                        row = rows[key] = {"arch": arch, "id": hashlib.sha256(key.encode()).hexdigest()[:6], **figures,
+                                           "failures": failures(figures, arch), "used_at": []}
+                        if progress:
+                            progress(row)
+                    place = f"{'x'.join(map(str, shape))} {schedule}"
+                    if place not in row["used_at"]:
+                        row["used_at"].append(place)
+    return list(rows.values())
+
+
+def _collapse_places(places: list[str]) -> str:
+    by_schedule: dict[str, list[str]] = {}
+    for place in places:
+        shape, schedule = place.split(" ")
+        by_schedule.setdefault(schedule, []).append(shape)
+    return "; ".join(f"{schedule}: {', '.join(shapes)}" for schedule, shapes in by_schedule.items())
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| arch | kernel | id | variant (constexprs, warps, stages) | schedule: shapes | regs | spill B st/ld | "
+            "spill instrs (in loops) | smem KB | HGMMA | HMMA | TMA | result |")
+    lines = [head, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["variant"])):
+        lines.append(
+            f"| {row['arch']} | `{row['kernel']}` | {row['id']} | {row['variant']} | {_collapse_places(row['used_at'])} | {row['regs']} | "
+            f"{row['spill_store_bytes']}/{row['spill_load_bytes']} | {row['spill_instrs']} ({row['spill_instrs_in_loops']}) | "
+            f"{row['smem_bytes'] / 1024:.0f} | {row['hgmma']} | {row['hmma']} | {row['tma']} | "
+            f"{'FAIL: ' + '; '.join(row['failures']) if row['failures'] else 'ok'} |")
+    return "\n".join(lines)
+
+
+# Shapes the CI test compiles (tests/test_static_check.py): one per config family of the tables (d <= 256
+# fused accumulators; d = 896 mid; d >= 2048 cuBLAS scores) and the T=65536 split-free shape; the script's
+# default is every reference shape.
+CI_SHAPES = ((4096, 32000, 256), (16384, 32000, 64), (65536, 128256, 256), (8192, 151936, 896), (8192, 128256, 2048))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=list(ARCHES), choices=list(ARCHES))
+    parser.add_argument("--shapes", default="all", help="'all', 'ci', or T,V,d[;T,V,d...]")
+    parser.add_argument("--schedules", nargs="+", default=[*SCHEDULES, "default" + COUNTS_SUFFIX],
+                        help=f"of {list(SCHEDULES)}, each optionally with {COUNTS_SUFFIX}")
+    parser.add_argument("--no-cache", action="store_true", help="compile everything again")
+    parser.add_argument("--json", help="write the rows (and how they were made) to this file")
+    parser.add_argument("--markdown", help="write the table (and how it was made) to this file")
+    args = parser.parse_args(argv)
+    if args.shapes == "all":
+        shapes = REFERENCE_SHAPES
+    elif args.shapes == "ci":
+        shapes = CI_SHAPES
+    else:
+        shapes = tuple(tuple(int(n) for n in item.split(",")) for item in args.shapes.split(";"))
+    start = time.perf_counter()
+
+    def progress(row):
+        print(f"  compiled {row['arch']} {row['kernel']} [{row['variant']}] in {row['compile_s']} s: "
+              f"{row['regs']} regs, {row['spill_instrs_in_loops']} spills in loops", file=sys.stderr, flush=True)
+
+    rows = sweep(args.arch, shapes, args.schedules, use_cache=not args.no_cache, progress=progress)
+    failing = [row for row in rows if row["failures"]]
+    command = "python -m softvq_kernels.triton.static_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "command": command.strip(),
+        "shapes": ["x".join(map(str, s)) for s in shapes],
+        "schedules": args.schedules,
+        "dtype": "bfloat16",
+        "distance": "l2",
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    table = markdown_table(rows)
+    summary = (f"{len(rows)} distinct compiles, {len(failing)} failing"
+               + (": " + ", ".join(sorted({f"{r['arch']} {r['kernel']}" for r in failing})) if failing else ""))
+    print(table)
+    print(summary)
+    if args.markdown:
+        Path(args.markdown).write_text(
+            "# Static check of the Triton kernels (no GPU)\n\n"
+            + "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in header.items())
+            + f"\n- result: {summary}\n\n" + table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**header, "summary": summary, "rows": rows}, indent=1))
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
