@@ -49,7 +49,9 @@ __global__ void __launch_bounds__(NTHREADS)
       ds = (p == 1.f) ? __ldg(gamma + t) : p * (dp - __ldg(delta + t));
       P[t * ldw + (v - c0)] = Cfg<T>::from_float(p);
       dS[t * ldw + (v - c0)] = Cfg<T>::from_float(ds * sc.key_factor(colv, v));
-      u = log_p + log_v;
+      // One rounding from the true score (backends.score_centre): at large tau the scores are ~1/tau while
+      // lse ~ log V, and log_p + log_v would round u at the scale of log V.
+      u = __fsub_rn(score, __ldg(lse + t) - log_v);
     }
     DP[r * LDC + c] = ds;
     S[r * LDC + c] = u;
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(NTHREADS)
     for (int r = 0; r < BM / 2; ++r) {
       const float ds = DP[(r0 + r) * LDC + c];
       if (ds == 0.f) continue;
-      sum += dist == kL2 ? ds : ds * (S[(r0 + r) * LDC + c] - log_v + __ldg(lse + m0 + r0 + r));
+      sum += dist == kL2 ? ds : ds * (S[(r0 + r) * LDC + c] + (__ldg(lse + m0 + r0 + r) - log_v));
     }
     if (n0 + c < end) atomicAdd((dist == kL2 ? colsum : ds_s) + n0 + c, sum);
   }

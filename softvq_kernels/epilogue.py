@@ -12,6 +12,7 @@ import torch
 from softvq_kernels.backends import BackwardPieces, Scoring, score_centre
 from softvq_kernels.reference import COSINE_EPS
 
+
 def finish_backward(pieces: BackwardPieces, x, codebook, tau, scoring: Scoring, y, lse, grad_lse):
     """-> grad_x (T, d), grad_codebook (V, d), grad_tau (0-dim), all in tau's (accumulation) dtype."""
     acc = tau.dtype

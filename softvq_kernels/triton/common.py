@@ -246,7 +246,7 @@ def _stage_kernel(x_ptr, k_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, xoff_ptr,
     counts, and (ROW_WEIGHTED) sum_v p_tv w_v to wsum_t (the counts-gradient term). BACKWARD:
     ds = p (<g, c> + gn_v - delta'_t), or gamma_t where p is exactly 1 (one-hot rows: what a delta
     formed from the same dp gives, exactly); stores ds * kappa_v (kappa = (2 if l2 else 1) / tau, times
-    q_v for cosine) and adds with atomics: row sums of ds, ds * u and p * u (u = log p + log V), column
+    q_v for cosine) and adds with atomics: row sums of ds, ds * u and p * u (u = s - (lse - log V)), column
     sums of ds (l2) or ds * s (cosine). FROM_GEMM: <x, k> and <g, c> are read from cuBLAS products of
     the chunk (s_ptr, dp_ptr: (T, chunk) fp32, row stride stride_s)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -287,7 +287,7 @@ def _stage_kernel(x_ptr, k_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, xoff_ptr,
         gamma = tl.load(gamma_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         ds = tl.where(p == 1.0, gamma[:, None], p * (dp - delta[:, None]))
         ds = tl.where(ok, ds, 0.0)
-        u = tl.where(ok, log_p + log_v, 0.0)
+        u = tl.where(ok, a - (lse - log_v)[:, None], 0.0)  # one rounding from the true score (score_centre)
         tl.atomic_add(rowsum_ptr + rows, tl.sum(ds, 1), mask=row_ok)
         tl.atomic_add(ds_u_ptr + rows, tl.sum(ds * u, 1), mask=row_ok)
         tl.atomic_add(p_u_ptr + rows, tl.sum(p * u, 1), mask=row_ok)
@@ -296,7 +296,7 @@ def _stage_kernel(x_ptr, k_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, xoff_ptr,
             kappa = 2.0 * inv_tau
             ds_k = ds * kappa
         elif DIST == 2:
-            s_true = tl.where(ok, log_p + lse[:, None], 0.0)
+            s_true = tl.where(ok, a, 0.0)
             tl.atomic_add(ds_s_ptr + cols, tl.sum(ds * s_true, 0), mask=col_ok)
             q = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC)
             ds_k = ds * (q * inv_tau)[None, :]

@@ -210,7 +210,8 @@ def _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_p
              DIST: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_GN: tl.constexpr, WITH_DS: tl.constexpr,
              PREC_S: tl.constexpr, PREC_DP: tl.constexpr, ACC: tl.constexpr,
              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(ok, log p, p, ds) of one (BLOCK_T, BLOCK_V) tile, p = exp(s - lse) from the saved lse and
+    """(ok, s, p, ds) of one (BLOCK_T, BLOCK_V) tile: the true scores s (0 outside the tile's real rows /
+    columns), p = exp(s - lse) from the saved lse and
     ds = p (<g, c> + gn - delta'), gl where p == 1 (0 outside the tile's real rows / columns).
     2 BLOCK_T BLOCK_V d FLOPs for the scores, as many again for dp (WITH_DS)."""
     a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
@@ -239,7 +240,7 @@ def _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_p
             gamma = tl.zeros((BLOCK_T,), dtype=ACC)
         ds = tl.where(p == 1.0, gamma[:, None], p * (dp - delta[:, None]))
         ds = tl.where(ok, ds, 0.0)
-    return ok, log_p, p, ds
+    return ok, tl.where(ok, a, 0.0), p, ds
 
 
 @triton.jit
@@ -256,7 +257,7 @@ def _counts_gradient_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, 
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        ok, log_p, p, _ = _ds_tile(x_ptr, c_ptr, x_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, lse_ptr, lse_ptr,
+        ok, _, p, _ = _ds_tile(x_ptr, c_ptr, x_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, lse_ptr, lse_ptr,
                                    gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, 0,
                                    DIST, False, False, False, PREC_S, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
         gn = tl.load(gn_ptr + cols, mask=col_ok, other=0.0).to(ACC)
@@ -289,9 +290,9 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        ok, log_p, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
-                                    gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
-                                    DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+        ok, s, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
+                                gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
+                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
         tile_ok = row_ok[:, None] & d_ok[None, :]
         gt = tl.load(g_ptr + rows[:, None] * stride_g + dcols[None, :], mask=tile_ok, other=0.0)
         xt = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=tile_ok, other=0.0)
@@ -300,8 +301,7 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
             colsum += tl.sum(ds, 0)
             ds_k = ds * (2.0 * inv_tau)
         elif DIST == 2:
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-            colsum += tl.sum(ds * tl.where(ok, log_p + lse[:, None], 0.0), 0)  # ds * (true score)
+            colsum += tl.sum(ds * s, 0)
             r = tl.load(rowv_ptr + rows, mask=row_ok, other=0.0).to(ACC)
             ds_k = ds * key_scale[None, :] * r[:, None]
         else:
@@ -321,7 +321,7 @@ def _frame_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr
                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
     """Program: BLOCK_T frames, looping over the vocabulary with a (BLOCK_T, d) accumulator on chip:
     grad_x_raw_t = sum_v ds_tv kappa_v c_v and the row sums ds_rows, ds_u_rows, p_u_rows
-    (u = log p + log V). 6 T V d FLOPs over the grid (scores, dp, dS C)."""
+    (u = s - (lse - log V), backends.score_centre). 6 T V d FLOPs over the grid (scores, dp, dS C)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dcols = tl.arange(0, D_PAD)
@@ -331,13 +331,14 @@ def _frame_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr
     ds_rows = tl.zeros((BLOCK_T,), dtype=ACC)
     ds_u = tl.zeros((BLOCK_T,), dtype=ACC)
     p_u = tl.zeros((BLOCK_T,), dtype=ACC)
+    centre = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC) - log_v
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        ok, log_p, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
-                                    gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
-                                    DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
-        u = tl.where(ok, log_p + log_v, 0.0)
+        ok, s, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
+                                gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
+                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+        u = tl.where(ok, s - centre[:, None], 0.0)
         ds_rows += tl.sum(ds, 1)
         ds_u += tl.sum(ds * u, 1)
         p_u += tl.sum(p * u, 1)
