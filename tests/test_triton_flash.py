@@ -86,6 +86,29 @@ def test_flash_forward_backward_launch_budget(monkeypatch, distance, splits, bud
         assert rel_err(grad, grad_ref) < 2 * REL_TOL[torch.float32]
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_flash_backward_with_its_own_tiles_and_d_blocks_matches_fp64(distance):
+    """The fused backward at tiles other than the forward's (fused_bwd_block_t / _v) and with the codebook
+    kernel split into d-blocks (fused_bwd_block_d: d = 40 pads to 64, four 16-wide blocks, the last one
+    partly past d) gives the fp64 gradients, including the lse and counts terms and the column sums that
+    only d-block 0 writes; the same problem on one d-block gives the same gradients to rounding."""
+    T, V, d = 21, 37, 40
+    x, codebook, temperature, _ = random_problem((T,), V, d, torch.float32, DEVICE)
+    upstream = torch.randn(T, d, device=DEVICE)
+    upstream_lse, upstream_counts = torch.randn(T, device=DEVICE), torch.randn(V, device=DEVICE)
+    kwargs = dict(distance=distance, mask=None, upstream=upstream, upstream_lse=upstream_lse,
+                  upstream_counts=upstream_counts)
+    results = {}
+    for block_d in (16, 0):
+        with configs.override(**dict(FLASH, block_t=32), fused_bwd_block_t=16, fused_bwd_block_v=32,
+                              fused_bwd_block_d=block_d):
+            results[block_d] = run_with_grads(x, codebook, temperature, backend="triton", **kwargs)[2]
+    _, _, grads_ref = fp64_oracle(x, codebook, temperature, **kwargs)
+    for blocked, whole, grad_ref in zip(results[16], results[0], grads_ref):
+        assert rel_err(blocked, grad_ref) < 2 * REL_TOL[torch.float32]
+        assert rel_err(blocked, whole) < 1e-5
+
+
 def test_flash_backend_calls_never_read_device_values_on_the_host(monkeypatch):
     """No .item() / float(t) / bool(t) / .tolist() in the backend's forward and backward (a host sync on a
     GPU, and what CUDA-graph capture forbids); shapes alone decide every grid and allocation."""

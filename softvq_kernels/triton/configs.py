@@ -10,7 +10,8 @@ SOFTVQ_TRITON_CONFIGS (``_load_arch_file``; written by ``tuning.tune_to_file``, 
 lookup of that architecture, never at import).
 
 Why the GPU defaults are what they are (the sweeps behind them: benchmarks/results/, commit log):
-- d <= 256: 128x128 score tiles with 8 warps, 32-wide k steps in 3 stages; the backward is staged
+- d <= 256: 128x128 score tiles with 8 warps, 32-wide k steps in 3 stages (d = 256: 64x128, the 128-row
+  tiles spill, see _GPU_16BIT_D256; this and the other register-driven choices are unmeasured); the backward is staged
   (scores and dp on tensor cores, then GEMMs over staged p / ds tiles), several times faster than a
   FlashAttention-2 style backward whose BLOCK x d fp32 accumulators spill at d = 256.
 - d >= 2048: the scores and dp of each vocabulary chunk come from cuBLAS (``score_gemm``: the Triton
@@ -71,6 +72,12 @@ class KernelConfig:
     # forward); fused_backward, dC and dx from two kernels with on-chip accumulators, nothing staged.
     fused_finish: bool = False
     fused_backward: bool = False
+    # Tiles of the fused backward's kernels (0: block_t / block_v; BLOCK_K is always block_k, so the scores keep
+    # their bits) and the width of the codebook kernel's d-blocks (0: all of next_pow2(d) in one block; each
+    # further d-block recomputes the scores and dp). Chosen so the kernels do not spill (static_check).
+    fused_bwd_block_t: int = 0
+    fused_bwd_block_v: int = 0
+    fused_bwd_block_d: int = 0
     # score_gemm forward in one pass over the vocabulary (y accumulated chunk by chunk with a conditionally
     # rescaled online softmax: 4 T V d FLOPs instead of 6). GPU default off until measured.
     online_output: bool = False
@@ -81,9 +88,16 @@ _CPU = KernelConfig(block_t=32, block_v=32, block_k=32, fused_max_d=64, mm_block
                     mm_block_k=32, mm_num_warps=4, mm_num_stages=1, workspace_bytes=4 * 2**20, min_chunk_cols=0,
                     min_programs=1)
 
-_GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warps=8, num_stages=3)
+# Register budget (python -m softvq_kernels.triton.static_check, sm_90 and sm_80, no GPU needed): _mm_kernel at
+# 128 x 128 with 8 warps has its wgmma serialised by ptxas (C7515), with 4 warps it pipelines; the fused
+# backward's kernels need 64-row tiles and <= 128-wide d-blocks not to spill (fused_bwd_*).
+_GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warps=8, num_stages=3, mm_num_warps=4,
+                                  fused_bwd_block_t=64, fused_bwd_block_v=64, fused_bwd_block_d=128)
+# d = 256: the forward's 128 x 256 fp32 output accumulator beside a 128 x 128 score tile spills (255 registers,
+# 328 B per thread, inside the vocabulary loop); with 64-row tiles it holds in 228 registers.
+_GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64)
 _GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
-                                  mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=8, mm_num_stages=3,
+                                  mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=4, mm_num_stages=3,
                                   gemm="cublas", score_gemm=True)
 _GPU_16BIT_MID_D = dataclasses.replace(_GPU_16BIT_LARGE_D, score_gemm=False)
 _GPU_FP32 = KernelConfig(block_t=32, block_v=64, block_k=32, num_warps=4, num_stages=2, fused_max_d=128,
@@ -102,7 +116,7 @@ _SAFE_16BIT_LARGE_D = dataclasses.replace(_SAFE_16BIT_SMALL_D, gemm="cublas", sc
 ARCHES = ("sm_90", "sm_80", "other")
 TABLES: dict[str, dict[tuple[int, int, torch.dtype], KernelConfig]] = {
     "sm_90": {
-        (32000, 256, torch.bfloat16): _GPU_16BIT_SMALL_D,
+        (32000, 256, torch.bfloat16): _GPU_16BIT_D256,
         (151936, 896, torch.bfloat16): _GPU_16BIT_MID_D,
         (128256, 2048, torch.bfloat16): _GPU_16BIT_LARGE_D,
         (128256, 4096, torch.bfloat16): _GPU_16BIT_LARGE_D,
@@ -184,7 +198,9 @@ def default_config(V: int, d: int, dtype: torch.dtype, arch: str = "sm_90") -> K
         return _SAFE_16BIT_SMALL_D if d_pad <= 128 else _SAFE_16BIT_LARGE_D
     if dtype in (torch.float32, torch.float64):
         return _GPU_FP32
-    return _GPU_16BIT_SMALL_D if d_pad <= 256 else _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
+    if d_pad <= 128:
+        return _GPU_16BIT_SMALL_D
+    return _GPU_16BIT_D256 if d_pad <= 256 else _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
 
 
 def _cache_key(V: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple:

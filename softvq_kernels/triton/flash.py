@@ -273,17 +273,20 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
                           DIST: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_GN: tl.constexpr,
                           PREC_S: tl.constexpr, PREC_DP: tl.constexpr, PREC_PG: tl.constexpr,
                           PREC_DSX: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
-    """Program: BLOCK_V codebook rows, looping over all frames with a (BLOCK_V, d) accumulator on chip:
-    grad_codebook_v = sum_t p_tv g_t + kappa_v sum_t ds_tv r_t x_t (both roles), and the column sums
-    ds_cols (l2: sum_t ds) or ds_s_cols (cosine: sum_t ds s). 8 T V d FLOPs over the grid
-    (scores, dp, P^T G, dS^T X)."""
+                          BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (v-block, d-block): BLOCK_V codebook rows and BLOCK_D of their columns, looping over all frames
+    with a (BLOCK_V, BLOCK_D) accumulator on chip: grad_codebook_v = sum_t p_tv g_t + kappa_v sum_t ds_tv r_t x_t
+    (both roles), and (d-block 0) the column sums ds_cols (l2: sum_t ds) or ds_s_cols (cosine: sum_t ds s).
+    Each d-block recomputes the scores and dp over the whole d: 8 T V d FLOPs over the grid with one d-block,
+    + 4 T V d per further one. The d-blocks exist because a (BLOCK_V, 256) fp32 accumulator next to the
+    score, dp and ds tiles spills on sm_90 under every tile shape (softvq_kernels.triton.static_check)."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    dcols = tl.arange(0, D_PAD)
+    d_block = tl.program_id(1)
+    dcols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dcols < D
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
-    acc = tl.zeros((BLOCK_V, D_PAD), dtype=ACC)
+    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=ACC)
     colsum = tl.zeros((BLOCK_V,), dtype=ACC)
     if DIST == 2:
         key_scale = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC) * inv_tau
@@ -309,7 +312,7 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
         acc = mma(tl.trans(ds_k).to(xt.dtype), xt, acc, PREC_DSX)
     tl.store(grad_c_ptr + cols[:, None] * stride_gc + dcols[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
     if DIST != 0:
-        tl.store(colsum_ptr + cols, colsum, mask=col_ok)
+        tl.store(colsum_ptr + cols, colsum, mask=col_ok & (d_block == 0))  # every d-block has the same sums
 
 
 @triton.jit
@@ -372,10 +375,13 @@ def backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -
     colv, rowv, xoff_arg = (dummy if t is None else t for t in (colv, rowv, xoff))
     prec_s = dot_precision(x.dtype, codebook.dtype)
     prec_dp = dot_precision(g.dtype, codebook.dtype)
-    common = dict(DIST=dist, ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+    # The backward's own tile rows / columns (KernelConfig.fused_bwd_*; 0: the forward's). BLOCK_K is always the
+    # forward's: the k-step order is what fixes the bits of a score, so p is still exactly 1 at a one-hot argmax.
+    block_t, block_v = cfg.fused_bwd_block_t or cfg.block_t, cfg.fused_bwd_block_v or cfg.block_v
+    common = dict(DIST=dist, ACC=tl_acc(acc), BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=cfg.block_k,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if gn is not None:
-        _counts_gradient_kernel[(triton.cdiv(T, cfg.block_t),)](
+        _counts_gradient_kernel[(triton.cdiv(T, block_t),)](
             x, codebook, colv, rowv, tau1, lse, xoff_arg, gn, delta, T, V, d, x.stride(0), codebook.stride(0),
             PREC_S=prec_s, **common,
         )
@@ -392,15 +398,16 @@ def backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -
     d_pad = padded_d(d)
     operands = (x, codebook, g, colv, rowv, tau1, lse, xoff_arg, delta, dummy if gamma is None else gamma,
                 dummy if gn is None else gn)
-    flags = dict(HAS_GAMMA=gamma is not None, HAS_GN=gn is not None, PREC_S=prec_s, PREC_DP=prec_dp, D_PAD=d_pad)
-    _codebook_grad_kernel[(triton.cdiv(V, cfg.block_v),)](
+    flags = dict(HAS_GAMMA=gamma is not None, HAS_GN=gn is not None, PREC_S=prec_s, PREC_DP=prec_dp)
+    block_d = min(d_pad, cfg.fused_bwd_block_d or d_pad)
+    _codebook_grad_kernel[(triton.cdiv(V, block_v), d_pad // block_d)](
         *operands, pieces.grad_codebook, dummy if colsum is None else colsum,
         T, V, d, x.stride(0), codebook.stride(0), g.stride(0), pieces.grad_codebook.stride(0),
-        PREC_PG=dot_precision(g.dtype), PREC_DSX=dot_precision(x.dtype), **flags, **common,
+        PREC_PG=dot_precision(g.dtype), PREC_DSX=dot_precision(x.dtype), BLOCK_D=block_d, **flags, **common,
     )
-    _frame_grad_kernel[(triton.cdiv(T, cfg.block_t),)](
+    _frame_grad_kernel[(triton.cdiv(T, block_t),)](
         *operands, pieces.grad_x_raw, pieces.ds_rows, pieces.ds_u_rows, pieces.p_u_rows,
         T, V, d, x.stride(0), codebook.stride(0), g.stride(0), pieces.grad_x_raw.stride(0), math.log(V),
-        PREC_DSC=dot_precision(x.dtype, codebook.dtype), **flags, **common,
+        PREC_DSC=dot_precision(x.dtype, codebook.dtype), D_PAD=d_pad, **flags, **common,
     )
     return pieces
