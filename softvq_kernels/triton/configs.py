@@ -10,7 +10,7 @@ SOFTVQ_TRITON_CONFIGS (``_load_arch_file``; written by ``tuning.tune_to_file``, 
 lookup of that architecture, never at import).
 
 Why the GPU defaults are what they are (the sweeps behind them: benchmarks/results/, commit log):
-- d <= 256: 128x128 score tiles with 8 warps, 32-wide k steps in 3 stages (d = 256: 64x128, the 128-row
+- d <= 256: 128x128 score tiles with 8 warps, 32-wide k steps in 4 stages (d = 256: 64x128 in 3, the 128-row
   tiles spill, see _GPU_16BIT_D256; this and the other register-driven choices are unmeasured); the backward is staged
   (scores and dp on tensor cores, then GEMMs over staged p / ds tiles), several times faster than a
   FlashAttention-2 style backward whose BLOCK x d fp32 accumulators spill at d = 256.
@@ -89,13 +89,14 @@ _CPU = KernelConfig(block_t=32, block_v=32, block_k=32, fused_max_d=64, mm_block
                     min_programs=1)
 
 # Register budget (python -m softvq_kernels.triton.static_check, sm_90 and sm_80, no GPU needed): _mm_kernel at
-# 128 x 128 with 8 warps has its wgmma serialised by ptxas (C7515), with 4 warps it pipelines; the fused
-# backward's kernels need 64-row tiles and <= 128-wide d-blocks not to spill (fused_bwd_*).
-_GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warps=8, num_stages=3, mm_num_warps=4,
+# 128 x 128 with 8 warps has its wgmma serialised by ptxas (C7515), with 4 warps it pipelines; the staged
+# backward's staging kernel spills 20 B per thread inside its loop at 3 stages and none at 4 (248 registers);
+# the fused backward's kernels need 64-row tiles and <= 128-wide d-blocks not to spill (fused_bwd_*).
+_GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warps=8, num_stages=4, mm_num_warps=4,
                                   fused_bwd_block_t=64, fused_bwd_block_v=64, fused_bwd_block_d=128)
 # d = 256: the forward's 128 x 256 fp32 output accumulator beside a 128 x 128 score tile spills (255 registers,
 # 328 B per thread, inside the vocabulary loop); with 64-row tiles it holds in 228 registers.
-_GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64)
+_GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64, num_stages=3)
 _GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
                                   mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=4, mm_num_stages=3,
                                   gemm="cublas", score_gemm=True)
