@@ -97,6 +97,10 @@ _GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warp
 # d = 256: the forward's 128 x 256 fp32 output accumulator beside a 128 x 128 score tile spills (255 registers,
 # 328 B per thread, inside the vocabulary loop); with 64-row tiles it holds in 228 registers.
 _GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64, num_stages=3)
+# sm_80 (mma.sync, no wgmma): _mm_kernel's two-product variant at 4 warps needs 128 accumulator registers per thread
+# and spills inside its k loop (255 registers); at 8 warps it does not (and nothing to serialise).
+_SM80_16BIT_SMALL_D = dataclasses.replace(_GPU_16BIT_SMALL_D, mm_num_warps=8)
+_SM80_16BIT_D256 = dataclasses.replace(_GPU_16BIT_D256, mm_num_warps=8)
 _GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
                                   mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=4, mm_num_stages=3,
                                   gemm="cublas", score_gemm=True)
@@ -200,8 +204,10 @@ def default_config(V: int, d: int, dtype: torch.dtype, arch: str = "sm_90") -> K
     if dtype in (torch.float32, torch.float64):
         return _GPU_FP32
     if d_pad <= 128:
-        return _GPU_16BIT_SMALL_D
-    return _GPU_16BIT_D256 if d_pad <= 256 else _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
+        return _SM80_16BIT_SMALL_D if arch == "sm_80" else _GPU_16BIT_SMALL_D
+    if d_pad <= 256:
+        return _SM80_16BIT_D256 if arch == "sm_80" else _GPU_16BIT_D256
+    return _GPU_16BIT_MID_D if d_pad <= 1024 else _GPU_16BIT_LARGE_D
 
 
 def _cache_key(V: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple:

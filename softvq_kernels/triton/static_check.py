@@ -51,6 +51,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.compiler.compiler import get_cache_key  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from softvq_kernels import sass  # noqa: E402
 from softvq_kernels.backends import Scoring  # noqa: E402
 from softvq_kernels.triton import common, configs  # noqa: E402
 
@@ -171,11 +172,11 @@ def recording(arch: str):
 
 
 def record_launches(arch: str, shape: tuple[int, int, int], schedule: str, dtype=torch.bfloat16,
-                    distance: str = "l2") -> tuple[configs.KernelConfig, list[Launch]] | None:
+                    distance: str = "l2", overrides: dict | None = None) -> tuple[configs.KernelConfig, list[Launch]] | None:
     """The config and the Triton launches of one forward + backward + hard-mode forward, or None when the
-    schedule does not apply at this shape."""
+    schedule does not apply at this shape. overrides: KernelConfig fields replaced in the table's entry."""
     T, V, d = shape
-    base = table_config(arch, V, d, dtype)
+    base = dataclasses.replace(table_config(arch, V, d, dtype), **(overrides or {}))
     if not schedule_applies(schedule, base, d):
         return None
     counts = schedule.endswith(COUNTS_SUFFIX)
@@ -199,51 +200,12 @@ def record_launches(arch: str, shape: tuple[int, int, int], schedule: str, dtype
 # Compiling and reading the machine code
 
 
-def _triton_tool(name: str) -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-_ADDRESS = r"/\*([0-9a-f]{4,})\*/"
-_BRANCH = re.compile(_ADDRESS + r"\s+(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z.]+)?\s+(?:`\()?0x([0-9a-f]+)")
-_SPILL = re.compile(_ADDRESS + r"\s+(?:@!?U?P[T0-9]+\s+)?(STL|LDL)\b")
-
-
-def loop_ranges(sass: str) -> list[tuple[int, int]]:
-    """[(first, last)] address ranges of the loop bodies: every backward branch closes one."""
-    ranges = []
-    for match in _BRANCH.finditer(sass):
-        at, target = int(match.group(1), 16), int(match.group(2), 16)
-        if target <= at:
-            ranges.append((target, at))
-    return ranges
-
-
-def sass_counts(sass: str) -> dict[str, int]:
-    """Instruction counts the check reads: spills (all / inside a loop), tensor-core ops, TMA ops."""
-    loops = loop_ranges(sass)
-    spills = [(int(m.group(1), 16), m.group(2)) for m in _SPILL.finditer(sass)]
-    in_loop = [(at, op) for at, op in spills if any(lo <= at <= hi for lo, hi in loops)]
-    return {
-        "spill_instrs": len(spills),
-        "spill_instrs_in_loops": len(in_loop),
-        "loops": len(loops),
-        "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
-        "hmma": len(re.findall(r"\bHMMA\.", sass)),
-        "tma": len(re.findall(r"\b(?:UTMALDG|UTMASTG|UTMAPF|UBLKCP|UTMAREDG)\b", sass)),
-    }
-
-
 def ptxas_figures(log: str) -> dict:
-    """Registers, spill bytes per thread and the wgmma serialisation warning from ptxas -v output."""
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    serialised = [line.strip() for line in log.splitlines() if "wgmma" in line and "serializ" in line]
-    return {
-        "regs": int(regs.group(1)) if regs else None,
-        "spill_store_bytes": int(spill.group(1)) if spill else 0,
-        "spill_load_bytes": int(spill.group(2)) if spill else 0,
-        "wgmma_serialized": serialised,
-    }
+    """Registers, spill bytes per thread and wgmma serialisation warnings of the one kernel in a ptxas -v log."""
+    figures = list(sass.ptxas_by_function(log).values())
+    if len(figures) != 1:
+        raise ValueError(f"expected one entry function in the ptxas log, found {len(figures)}:\n{log[-2000:]}")
+    return figures[0]
 
 
 def cache_dir() -> Path:
@@ -274,15 +236,15 @@ def compile_and_read(launch: Launch, target: GPUTarget, use_cache: bool = True) 
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([_triton_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
+        listing = subprocess.run([sass.triton_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                                 text=True, check=True).stdout
     ttgir = kernel.asm["ttgir"]
     figures = {
         "kernel": launch.name,
         "variant": launch.describe(),
         **ptxas_figures(log.getvalue()),
         "smem_bytes": kernel.metadata.shared,
-        **sass_counts(sass),
+        **sass.sass_counts(listing),
         "dots": len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"])),
         "dots_not_wgmma": len(re.findall(r"\btt\.dot\b", ttgir)),  # on sm_90 every dot should be ttng.warp_group_dot
         "compile_s": round(time.perf_counter() - start, 1),
@@ -316,7 +278,7 @@ def failures(figures: dict, arch: str) -> list[str]:
 # The sweep and its table
 
 
-def sweep(arches, shapes, schedules, *, use_cache=True, progress=None) -> list[dict]:
+def sweep(arches, shapes, schedules, *, use_cache=True, progress=None, overrides=None) -> list[dict]:
     """One row per distinct compile: its figures, failures, and where (shape, schedule) it is launched."""
     rows: dict[str, dict] = {}
     for arch in arches:
@@ -324,7 +286,7 @@ def sweep(arches, shapes, schedules, *, use_cache=True, progress=None) -> list[d
         backend = make_backend(target)
         for shape in shapes:
             for schedule in schedules:
-                recorded = record_launches(arch, shape, schedule)
+                recorded = record_launches(arch, shape, schedule, overrides=overrides)
                 if recorded is None:
                     continue
                 for launch in recorded[1]:
@@ -359,8 +321,23 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['arch']} | `{row['kernel']}` | {row['id']} | {row['variant']} | {_collapse_places(row['used_at'])} | {row['regs']} | "
             f"{row['spill_store_bytes']}/{row['spill_load_bytes']} | {row['spill_instrs']} ({row['spill_instrs_in_loops']}) | "
             f"{row['smem_bytes'] / 1024:.0f} | {row['hgmma']} | {row['hmma']} | {row['tma']} | "
-            f"{'FAIL: ' + '; '.join(row['failures']) if row['failures'] else 'ok'} |")
+            f"{('FAIL (known, KNOWN_FAILURES): ' if known_failure(row) else 'FAIL: ') + '; '.join(row['failures']) if row['failures'] else 'ok'} |")
     return "\n".join(lines)
+
+
+# Failures not fixed yet, each with why; the script still reports them as FAIL and exits 1, and the test
+# (tests/test_static_check.py) warns with this list and fails if the failing set differs from it in either
+# direction (a new failure, or one fixed without its entry removed).
+KNOWN_FAILURES = {
+    ("sm_90", "_stage_kernel", "DIST=1 COUNTS=1 ACC=fp32 BLOCK_T=64 BLOCK_V=128 BLOCK_K=32 w8 s3"):
+        "the counts-only staging launch (code counts asked for at d = 256, both schedules): ptxas C7515 serialises "
+        "its score wgmma at 64 x 128 tiles with 8 warps at any stage count (2-4 tried); the 64 x 128 tiles are what "
+        "keeps the d = 256 forward from spilling, and its warps are shared with the online kernel",
+}
+
+
+def known_failure(row: dict) -> str | None:
+    return KNOWN_FAILURES.get((row["arch"], row["kernel"], row["variant"]))
 
 
 # Shapes the CI test compiles (tests/test_static_check.py): one per config family of the tables (d <= 256
@@ -376,6 +353,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all", help="'all', 'ci', or T,V,d[;T,V,d...]")
     parser.add_argument("--schedules", nargs="+", default=[*SCHEDULES, "default" + COUNTS_SUFFIX],
                         help=f"of {list(SCHEDULES)}, each optionally with {COUNTS_SUFFIX}")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="KernelConfig fields to replace in every table entry (to try a config before committing it)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--json", help="write the rows (and how they were made) to this file")
     parser.add_argument("--markdown", help="write the table (and how it was made) to this file")
@@ -392,7 +371,12 @@ def main(argv=None) -> int:
         print(f"  compiled {row['arch']} {row['kernel']} [{row['variant']}] in {row['compile_s']} s: "
               f"{row['regs']} regs, {row['spill_instrs_in_loops']} spills in loops", file=sys.stderr, flush=True)
 
-    rows = sweep(args.arch, shapes, args.schedules, use_cache=not args.no_cache, progress=progress)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        default = getattr(configs.KernelConfig(), field)
+        overrides[field] = value if isinstance(default, str) else (value == "True") if isinstance(default, bool) else int(value)
+    rows = sweep(args.arch, shapes, args.schedules, use_cache=not args.no_cache, progress=progress, overrides=overrides)
     failing = [row for row in rows if row["failures"]]
     command = "python -m softvq_kernels.triton.static_check " + " ".join(argv if argv is not None else sys.argv[1:])
     header = {
@@ -402,6 +386,7 @@ def main(argv=None) -> int:
         "command": command.strip(),
         "shapes": ["x".join(map(str, s)) for s in shapes],
         "schedules": args.schedules,
+        "config overrides": overrides or "none (the committed tables)",
         "dtype": "bfloat16",
         "distance": "l2",
         "seconds": round(time.perf_counter() - start, 1),
@@ -410,6 +395,9 @@ def main(argv=None) -> int:
     summary = (f"{len(rows)} distinct compiles, {len(failing)} failing"
                + (": " + ", ".join(sorted({f"{r['arch']} {r['kernel']}" for r in failing})) if failing else ""))
     print(table)
+    for row in failing:
+        print(f"FAIL {row['arch']} {row['kernel']} [{row['variant']}] at {_collapse_places(row['used_at'])}: "
+              + "; ".join(row["failures"]) + (f" (known: {known_failure(row)})" if known_failure(row) else ""))
     print(summary)
     if args.markdown:
         Path(args.markdown).write_text(
@@ -417,7 +405,9 @@ def main(argv=None) -> int:
             + "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in header.items())
             + f"\n- result: {summary}\n\n" + table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({**header, "summary": summary, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({**header, "summary": summary, "rows": rows,
+                                               "known_failures": {"|".join(k): v for k, v in KNOWN_FAILURES.items()}},
+                                              indent=1))
     return 1 if failing else 0
 
 
