@@ -12,6 +12,7 @@ import torch.autograd.forward_ad as forward_ad
 from softvq_kernels import backends
 from softvq_kernels.op import lse_argmax_op, soft_vq_op
 from softvq_kernels.reference import accumulation_dtype, scores, soft_vq_reference
+from softvq_kernels.ties import first_identical_rows
 
 DISTANCES = ("l2", "cosine", "dot")
 
@@ -38,14 +39,15 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_inputs(x, codebook, distance, mask, backend) -> None:
+def _check_inputs(x, codebook, distance, mask, backend, *, sharded=False) -> None:
     _check_tensor("x", x)
     _check_tensor("codebook", codebook)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d), got a 0-dim tensor")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D (V, d), got shape {tuple(codebook.shape)}")
-    if codebook.shape[0] == 0 or codebook.shape[1] == 0:
+    if (codebook.shape[0] == 0 and not sharded) or codebook.shape[1] == 0:
+        # a rank's shard of a sharded codebook may hold no rows (V < world size); the whole codebook may not
         raise ValueError(f"codebook must be non-empty, got shape {tuple(codebook.shape)}")
     if x.shape[-1] != codebook.shape[1]:
         raise ValueError(
@@ -168,8 +170,15 @@ def _reference_sums(frames, codebook, tau, distance, mask):
     return (probs.T @ frames).float()
 
 
+def _nan_frames_have_no_code(indices: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Index -1 where lse is NaN (NaN in the frame or in the codebook): no code is nearest there. One rule
+    for every backend and for the sharded op (an argmax over NaN scores is whatever a kernel's comparisons
+    happen to keep)."""
+    return torch.where(torch.isnan(lse), -1, indices)
+
+
 def quantize(x, codebook, temperature, distance, mask, backend, need_counts, need_sums, *, tau_checked_on_device=False,
-             process_group=None, shard_offset=None, reduce_x_grad=True):
+             process_group=None, shard_offset=None, reduce_x_grad=True, need_indices=True):
     """Checks, flattening and dispatch shared by ``soft_vq`` and ``SoftVQ`` (not part of the public API).
 
     tau_checked_on_device=True: temperature is a 0-dim float tensor (SoftVQ's exp(log tau)) whose value
@@ -178,9 +187,11 @@ def quantize(x, codebook, temperature, distance, mask, backend, need_counts, nee
     sums (V, d) fp32 (shape (0, d) unless need_sums); y, lse and counts carry gradient.
     process_group: codebook is this rank's row shard (softvq_kernels.distributed); counts and sums are
     then the shard's (V_r,), (V_r, d) and indices are global.
+    Indices: the first argmax, and among identical codebook rows the lowest index (softvq_kernels.ties;
+    skipped with need_indices=False, when the caller drops them); -1 in masked frames and where lse is NaN.
     """
     x, codebook = _autocast_inputs(x, codebook)
-    _check_inputs(x, codebook, distance, mask, backend)
+    _check_inputs(x, codebook, distance, mask, backend, sharded=process_group is not None)
     if not isinstance(need_counts, bool):
         raise TypeError(f"return_aux must be a bool, got {type(need_counts).__name__}")
     tau = _temperature_tensor(temperature, x, checked_on_device=tau_checked_on_device)
@@ -216,6 +227,9 @@ def quantize(x, codebook, temperature, distance, mask, backend, need_counts, nee
             frames, codebook, tau, flat_mask, distance, name, need_counts, need_sums
         )
         y = y.to(frames.dtype)  # the op keeps the full-precision y for its backward
+    if process_group is None and need_indices:
+        indices = first_identical_rows(codebook, indices)
+    indices = _nan_frames_have_no_code(indices, lse)
     lead = x.shape[:-1]
     return y.reshape(x.shape), lse.reshape(lead), indices.reshape(lead), counts, sums
 
@@ -238,6 +252,7 @@ def lse_argmax(x, codebook, temperature, distance, mask, backend, *, tau_checked
             lse, indices = torch.where(flat_mask, lse, 0.0), indices.masked_fill(~flat_mask, -1)
     else:
         lse, indices = lse_argmax_op(frames, codebook.detach(), tau, flat_mask, distance, name)
+    indices = _nan_frames_have_no_code(first_identical_rows(codebook, indices), lse)
     return lse.reshape(lead), indices.reshape(lead)
 
 
@@ -278,7 +293,7 @@ def soft_vq(
     """
     y, lse, indices, counts, _ = quantize(x, codebook, temperature, distance, mask, backend, return_aux, False,
                                           process_group=process_group, shard_offset=shard_offset,
-                                          reduce_x_grad=reduce_x_grad)
+                                          reduce_x_grad=reduce_x_grad, need_indices=return_aux)
     if not return_aux:
         return y
     return y, SoftVQAux(lse, indices, counts)

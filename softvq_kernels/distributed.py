@@ -38,10 +38,10 @@ Communication per call (T real frames, d features, R ranks, b = 4 bytes in fp32,
     all-gather   R int64 shard sizes (skipped with shard_offset=)
     forward      all-reduce MAX  2 T b             (lse_r, best local score)
                  all-reduce SUM  (1 + d + 2R) T b  (S, S*y, argmax slots of 2 numbers per rank)
-    backward     all-reduce SUM  (T d + 1) b       (x gradient and tau gradient; 1 b with reduce_x_grad=False)
-                 all-reduce SUM  T b               (only when a loss reaches code_counts)
+    backward     all-reduce SUM  T b               (the counts-gradient term; zeros where no loss reaches counts)
+                 all-reduce SUM  (T d + 1) b       (x gradient and tau gradient; 1 b with reduce_x_grad=False)
 
-e.g. T = 8192 frames, d = 4096, R = 8 in fp32: 64 KiB + 128.6 MiB forward, 128 MiB backward,
+e.g. T = 8192 frames, d = 4096, R = 8 in fp32: 64 KiB + 128.6 MiB forward, 128 MiB + 32 KiB backward,
 independent of the vocabulary size. The (V, d) codebook never moves.
 
 Backends: any fused backend (chunked with gloo on CPU, triton or cuda with NCCL). The reference
@@ -58,6 +58,7 @@ import torch.distributed as dist
 from softvq_kernels import backends, chunked
 from softvq_kernels.autograd import PreparedCall
 from softvq_kernels.reference import COSINE_EPS, accumulation_dtype
+from softvq_kernels.ties import first_identical_rows
 
 # Argmax slots travel in the float SUM all-reduce as two halves of (index + 1) below this base, each
 # exact in fp32 (< 2^24), so indices up to 2^36 survive the float transport.
@@ -119,6 +120,12 @@ class _ReduceGradOverGroup(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place all-reduce SUM of a tensor that carries no gradient (counts, flags)."""
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def sum_over_group(t: torch.Tensor, group) -> torch.Tensor:
@@ -193,9 +200,18 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
             counts = torch.zeros(V_r, dtype=acc, device=x.device)
             sums = torch.zeros(V_r if need_sums else 0, d, dtype=torch.float32, device=x.device)
             if R > 0:
-                y_loc, lse_loc, idx_loc, _ = backend.forward(frames, shard, tau_acc, prep.scoring, False)
-                y_loc, lse_loc = y_loc.to(acc), lse_loc.to(acc)
-                best_loc = _scores_of_codes(frames, shard, tau_acc, prep.scoring, idx_loc)
+                if V_r > 0:
+                    y_loc, lse_loc, idx_loc, _ = backend.forward(frames, shard, tau_acc, prep.scoring, False)
+                    y_loc, lse_loc = y_loc.to(acc), lse_loc.to(acc)
+                    # Identical rows in this shard: the lowest; across shards _scores_of_codes forms their
+                    # scores by the same elementwise formula (bitwise equal), so the lowest rank wins below.
+                    idx_loc = first_identical_rows(shard, idx_loc)
+                    best_loc = _scores_of_codes(frames, shard, tau_acc, prep.scoring, idx_loc)
+                else:  # an empty shard (V < world size) scores nothing but joins every collective
+                    y_loc = torch.zeros(R, d, dtype=acc, device=x.device)
+                    lse_loc = torch.full((R,), -torch.inf, dtype=acc, device=x.device)
+                    idx_loc = torch.zeros(R, dtype=torch.int64, device=x.device)
+                    best_loc = lse_loc.clone()
                 peaks = torch.stack([lse_loc, best_loc], dim=1)
                 dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
                 lse_max, best = peaks[:, 0], peaks[:, 1]
@@ -215,7 +231,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
                 merged = slots[..., 0] * _SLOT_BASE + slots[..., 1]  # (R, world), 0 = rank had no best code
                 winner = (merged > 0).to(torch.int8).argmax(dim=1)  # first (lowest) rank holding a best code
                 idx_real = merged.gather(1, winner[:, None]).squeeze(1) - 1
-                if need_counts or need_sums:
+                if (need_counts or need_sums) and V_r > 0:
                     rows = frames.to(acc) if need_sums else frames.new_zeros(R, 1, dtype=acc)
                     counts, stats_sums = backend.codebook_stats(frames, shard, tau_acc, prep.scoring, lse_real, rows)
                     counts = counts.to(acc)
@@ -249,17 +265,24 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
                 g = torch.zeros_like(y_real) if g is None else g.to(acc)
                 gamma = prep.compact(grad_lse)
                 gamma = torch.zeros_like(lse_real) if gamma is None else gamma.to(acc)
-                counts_grad = None if grad_counts is None else grad_counts.to(acc)
-                if counts_grad is not None:
-                    # The backend adds c_t = sum_{v in shard} p_tv gn_v to its per-frame term; the unsharded
-                    # op adds that sum over the whole vocabulary. Handing it dL/dlse minus the other shards'
-                    # part makes every ds_tv of this shard the unsharded one.
+                counts_grad = None if grad_counts is None or shard.shape[0] == 0 else grad_counts.to(acc)
+                # The backend adds c_t = sum_{v in shard} p_tv gn_v to its per-frame term; the unsharded op adds
+                # that sum over the whole vocabulary. Handing it dL/dlse minus the other shards' part makes every
+                # ds_tv of this shard the unsharded one. A counts loss is each rank's own term, so some ranks may
+                # have none: every rank joins this collective all the same (0 as its own part), or the group
+                # would deadlock and those ranks would miss the others' share of c_t.
+                if counts_grad is None:
+                    local = torch.zeros_like(lse_real)
+                else:
                     local = chunked.expected_counts_gradient(frames, shard, prep.tau, prep.scoring, lse_real, counts_grad)
-                    everyone = local.clone()
-                    dist.all_reduce(everyone, group=group)
-                    gamma = gamma - (everyone - local)
-                pieces = backend.backward(g, frames, shard, prep.tau, prep.scoring, y_real, lse_real, gamma, counts_grad)
-                grad_x_real, grad_shard, grad_tau = _shard_epilogue(pieces, frames, shard, prep.tau, prep.scoring, lse_real)
+                everyone = local.clone()
+                dist.all_reduce(everyone, group=group)
+                gamma = gamma - (everyone - local)
+                if shard.shape[0] > 0:
+                    pieces = backend.backward(g, frames, shard, prep.tau, prep.scoring, y_real, lse_real, gamma,
+                                              counts_grad)
+                    grad_x_real, grad_shard, grad_tau = _shard_epilogue(pieces, frames, shard, prep.tau, prep.scoring,
+                                                                        lse_real)
             # One collective for the replicated inputs' partial gradients (tau always, x unless told not to).
             if ctx.reduce_x_grad:
                 packed = torch.cat([grad_x_real.reshape(-1), grad_tau.reshape(1)])

@@ -193,7 +193,8 @@ class SoftVQ(nn.Module):
             raise TypeError(f"codebook must be a torch.Tensor (V, d), got {type(codebook).__name__}")
         if not codebook.is_floating_point():
             raise TypeError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
-        if codebook.dim() != 2 or codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        # a rank's shard may hold no rows (V < world size); an unsharded codebook may not
+        if codebook.dim() != 2 or (codebook.shape[0] == 0 and process_group is None) or codebook.shape[1] == 0:
             raise ValueError(f"codebook must be a non-empty 2-D tensor (V, d), got shape {tuple(codebook.shape)}")
         temperature = _check_temperature(temperature)
         if not isinstance(mode, str) or mode not in MODES:
@@ -339,7 +340,11 @@ class SoftVQ(nn.Module):
             real = indices >= 0
             local = indices if self.process_group is None else indices - self._shard_layout[0]
             owned = (local >= 0) & (local < V)  # this rank's codes (every real frame when not sharded)
-            codes = F.embedding(local.clamp(0, V - 1), codebook)  # (..., d)
+            safe = local.clamp(0, max(V - 1, 0))
+            if V > 0:
+                codes = F.embedding(safe, codebook)  # (..., d)
+            else:  # an empty shard holds none of the codes
+                codes = codebook.new_zeros(*local.shape, codebook.shape[1])
             if self.process_group is not None:  # each code row comes from the rank holding it
                 from softvq_kernels.distributed import sum_over_group
 
@@ -348,15 +353,17 @@ class SoftVQ(nn.Module):
             if self.codebook_update == "gradient":
                 loss = loss + _masked_mse(x.detach(), codes, mask)
             quantized = x + (codes.to(x.dtype) - x).detach()
-            flat_idx = local.clamp(0, V - 1).reshape(-1)
+            flat_idx = safe.reshape(-1)
             counted = (real & owned).reshape(-1)
             counts = torch.zeros(V, dtype=torch.float32, device=x.device)
-            counts.index_add_(0, flat_idx, counted.float())
+            if V > 0:
+                counts.index_add_(0, flat_idx, counted.float())
             sums = None
             if update:
                 frames = torch.where((real & owned)[..., None], x.detach().float(), 0.0).reshape(-1, x.shape[-1])
                 sums = torch.zeros(V, x.shape[-1], dtype=torch.float32, device=x.device)
-                sums.index_add_(0, flat_idx, frames)
+                if V > 0:
+                    sums.index_add_(0, flat_idx, frames)
         if mask is not None:
             quantized = torch.where(mask[..., None], quantized, x.to(quantized.dtype))
         if self.training:
@@ -384,7 +391,8 @@ class SoftVQ(nn.Module):
 
         sums = sum_over_group(torch.stack([counts.sum(), torch.special.xlogy(counts, counts).sum()]), self.process_group)
         total = sums[0].clamp_min(torch.finfo(counts.dtype).tiny)
-        return torch.exp(total.log() - sums[1] / total)
+        # nothing counted (every frame masked): 1, as unsharded, not exp(log tiny)
+        return torch.exp(torch.where(sums[0] > 0, total.log() - sums[1] / total, 0.0))
 
     def _dead_code_count(self) -> torch.Tensor:
         dead = (self.ema_counts < self.dead_code_threshold).sum()
