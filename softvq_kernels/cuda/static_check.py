@@ -69,9 +69,8 @@ def _demangle(names: list[str]) -> dict[str, str]:
 def _short(pretty: str) -> str:
     """A readable kernel name: the function without its namespace, and CUTLASS's GemmUniversal shortened."""
     if "GemmUniversal" in pretty:
-        element = re.search(r"cutlass::(bfloat16_t|half_t)", pretty)
-        layout = re.search(r"cutlass::layout::(RowMajor|ColumnMajor)", pretty)
-        return f"cutlass GemmUniversal<{element.group(1) if element else '?'}, A {layout.group(1) if layout else '?'}>"
+        element = re.search(r"(bfloat16|half_t|bf16|f16)", pretty, re.IGNORECASE)
+        return f"cutlass GemmUniversal ({element.group(1) if element else 'sm90'})"
     name = pretty.split("(")[0]
     return re.sub(r"^(void\s+)?([\w:]+::)?", "", name).strip()
 
@@ -121,6 +120,17 @@ def kernel_rows(obj: Path, log: str, source: str) -> list[dict]:
     return rows
 
 
+# Spills inside loops not fixed yet (kernel name -> why); the table marks them and the test fails if the set of
+# spilling kernels differs from this in either direction. The WMMA kernels' mma.sync is reported, not listed:
+# all of them have it, by construction.
+KNOWN_SPILLS = {
+    "lse_partials_kernel<float>": "fp32 inputs: the 3xTF32 split triples the operand fragments (168 registers, "
+                                  "36 B spilled per thread, 8 spill instructions in the d loop); not on the 16-bit path",
+    "dscores_kernel<__nv_bfloat16>": "one 4-byte spill / reload inside the d loop (168 registers); the fp16 "
+                                     "instance of the same code does not spill",
+}
+
+
 def failures(row: dict) -> list[str]:
     out = []
     if row["spill_instrs_in_loops"]:
@@ -162,7 +172,8 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['source']} | `{row['kernel']}` | {row['regs']} | {row['spill_store_bytes']}/{row['spill_load_bytes']} | "
             f"{row['spill_instrs']} ({row['spill_instrs_in_loops']}) | {row.get('stack_bytes', '')} | {row['hgmma']} | "
-            f"{row['hmma']} | {row['tma']} | {'FAIL: ' + '; '.join(row['failures']) if row['failures'] else 'ok'} |")
+            f"{row['hmma']} | {row['tma']} | {'FAIL: ' + '; '.join(row['failures']) if row['failures'] else 'ok'}"
+            f"{' (known spill: KNOWN_SPILLS)' if row['kernel'] in KNOWN_SPILLS else ''} |")
     return "\n".join(lines)
 
 

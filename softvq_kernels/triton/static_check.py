@@ -351,7 +351,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(ARCHES), choices=list(ARCHES))
     parser.add_argument("--shapes", default="all", help="'all', 'ci', or T,V,d[;T,V,d...]")
-    parser.add_argument("--schedules", nargs="+", default=[*SCHEDULES, "default" + COUNTS_SUFFIX],
+    parser.add_argument("--schedules", nargs="+", default=[*SCHEDULES, "default" + COUNTS_SUFFIX, "fused" + COUNTS_SUFFIX],
                         help=f"of {list(SCHEDULES)}, each optionally with {COUNTS_SUFFIX}")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="KernelConfig fields to replace in every table entry (to try a config before committing it)")
