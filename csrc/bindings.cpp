@@ -158,7 +158,7 @@ Pieces backward(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tens
                 const at::Tensor& tau_in, int64_t dist, const std::optional<at::Tensor>& x_inv_norm,
                 const std::optional<at::Tensor>& codebook_inv_norm, const at::Tensor& y, const at::Tensor& lse,
                 const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_counts,
-                int64_t chunk_cols) {
+                int64_t chunk_cols, double log_vocab) {
   SOFTVQ_DEVICE_GUARD(x_in);
   Prepared in = prepare(x_in, codebook_in, dist, x_inv_norm, codebook_inv_norm);
   const auto dt = dtype_of(in.compute);
@@ -199,7 +199,8 @@ Pieces backward(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tens
   at::Tensor x_rows = in.dist == softvq::kCosine
                           ? (in.x.to(at::kFloat) * in.row_scale.unsqueeze(1)).to(in.compute).contiguous()
                           : in.x;
-  const float log_v = static_cast<float>(std::log(static_cast<double>(V)));
+  // log of the whole vocabulary's size (softvq_kernels.backends.score_centre), also for a row shard
+  const float log_v = static_cast<float>(log_vocab);
   at::Tensor dS = at::empty({T, width}, in.x.options());
   const int64_t row_bytes = d * in.x.element_size();
   const char* cb_ptr = static_cast<const char*>(in.codebook.data_ptr());
@@ -293,11 +294,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codebook"), py::arg("tau"), py::arg("dist"), py::arg("x_inv_norm"),
         py::arg("codebook_inv_norm"), py::arg("need_counts"), py::arg("target_programs"), py::arg("chunk_cols"));
   m.def("backward", &backward,
-        "grad_y, x, codebook, tau, dist, x_inv_norm, codebook_inv_norm, y, lse, grad_lse, grad_counts, chunk_cols "
+        "grad_y, x, codebook, tau, dist, x_inv_norm, codebook_inv_norm, y, lse, grad_lse, grad_counts, chunk_cols, "
+        "log_vocab "
         "-> (grad_x_raw, grad_codebook, ds_rows, ds_u_rows, p_u_rows, ds_cols, ds_s_cols)",
         py::arg("grad_y"), py::arg("x"), py::arg("codebook"), py::arg("tau"), py::arg("dist"), py::arg("x_inv_norm"),
         py::arg("codebook_inv_norm"), py::arg("y"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_counts"),
-        py::arg("chunk_cols"));
+        py::arg("chunk_cols"), py::arg("log_vocab"));
   m.def("codebook_stats", &codebook_stats,
         "x, codebook, tau, dist, x_inv_norm, codebook_inv_norm, lse, rows (T, D), chunk_cols "
         "-> (sum_t p_tv (V,), sum_t p_tv rows_t (V, D)), fp32",

@@ -40,11 +40,14 @@ _CONTRACT = ("unavailable_reason", "forward", "backward", "codebook_stats")
 
 class Scoring(NamedTuple):
     """How scores are formed. distance: "l2" | "dot" | "cosine"; for cosine x_inv_norm (T,) and
-    codebook_inv_norm (V,) are 1 / max(||row||, eps) in the accumulation dtype (None otherwise)."""
+    codebook_inv_norm (V,) are 1 / max(||row||, eps) in the accumulation dtype (None otherwise).
+    vocab_size: the whole vocabulary's V when the codebook is one row shard of it (the backward's score
+    centre is then lse - log V of the whole vocabulary, see ``score_centre``); None = the codebook's rows."""
 
     distance: str
     x_inv_norm: Optional[torch.Tensor] = None
     codebook_inv_norm: Optional[torch.Tensor] = None
+    vocab_size: Optional[int] = None
 
 
 class BackwardPieces(NamedTuple):
@@ -72,11 +75,18 @@ class BackwardPieces(NamedTuple):
     ds_s_cols: Optional[torch.Tensor]
 
 
+def centre_vocab(scoring: Scoring, rows: int) -> int:
+    """The V of the backward's score centre: the whole vocabulary's (a shard's scoring says it), else rows."""
+    return rows if scoring.vocab_size is None else scoring.vocab_size
+
+
 def score_centre(lse: torch.Tensor, V: int) -> torch.Tensor:
     """c_t = lse_t - log V (T,): the row centre of u_tv = s_tv - c_t in ``BackwardPieces``; the epilogue
     adds the same c_t back. Subtracting it from the true score in one rounding keeps u accurate where the
     scores are tiny (large tau: s ~ 1/tau while lse ~ log V), which (s - lse) + log V is not; in one-hot
-    rows u is the exact difference of two close numbers."""
+    rows u is the exact difference of two close numbers. V is the whole vocabulary's size, also for a row
+    shard: only then is c_t close to the shard's scores at large tau (lse - log V_r is off by log(V / V_r),
+    which would multiply every rounding of the shard's ds by O(1) instead of O(1/tau))."""
     return lse - math.log(V) if V > 0 else lse
 
 

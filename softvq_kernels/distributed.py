@@ -161,7 +161,7 @@ def _shard_epilogue(pieces, x, codebook, tau, scoring, lse):
     acc = tau.dtype
     V = codebook.shape[0]
     ds_rows = pieces.ds_rows
-    ds_s_rows = pieces.ds_u_rows + ds_rows * backends.score_centre(lse, V)  # sum_v ds_tv s_tv (u = s - centre)
+    ds_s_rows = pieces.ds_u_rows + ds_rows * backends.score_centre(lse, backends.centre_vocab(scoring, V))  # sum ds s
     grad_tau = -ds_s_rows.sum() / tau
     x_acc, c_acc = x.to(acc), codebook.to(acc)
     grad_codebook = pieces.grad_codebook.to(acc)
@@ -194,6 +194,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
             prep = PreparedCall(x, shard, tau, mask, distance)
             acc, frames, tau_acc = prep.acc, prep.frames, prep.tau
             R = frames.shape[0]  # real frames, the same on every rank (mask is replicated)
+            vocab_size = None  # found in the merge below (no backward pass runs without real frames)
             y_real = torch.zeros(R, d, dtype=acc, device=x.device)
             lse_real = torch.zeros(R, dtype=acc, device=x.device)
             idx_real = torch.zeros(R, dtype=torch.int64, device=x.device)
@@ -222,12 +223,16 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
                 code = torch.where(best_loc == best, idx_loc + offset + 1, 0)
                 slots[:, rank, 0] = torch.div(code, _SLOT_BASE, rounding_mode="floor").to(acc)
                 slots[:, rank, 1] = (code % _SLOT_BASE).to(acc)
-                packed = torch.cat([weight[:, None], weight[:, None] * y_loc, slots.reshape(R, 2 * world)], dim=1)
+                # The last column sums the shard sizes: the whole vocabulary's V, for the backward's score centre.
+                rows_here = torch.full((R, 1), float(V_r), dtype=acc, device=x.device)
+                packed = torch.cat([weight[:, None], weight[:, None] * y_loc, slots.reshape(R, 2 * world), rows_here],
+                                   dim=1)
                 dist.all_reduce(packed, group=group)
+                vocab_size = int(packed[0, -1].round())
                 total = packed[:, 0]
                 y_real = packed[:, 1 : 1 + d] / total[:, None]
                 lse_real = lse_max + total.log()
-                slots = packed[:, 1 + d :].reshape(R, world, 2).round().long()
+                slots = packed[:, 1 + d : -1].reshape(R, world, 2).round().long()
                 merged = slots[..., 0] * _SLOT_BASE + slots[..., 1]  # (R, world), 0 = rank had no best code
                 winner = (merged > 0).to(torch.int8).argmax(dim=1)  # first (lowest) rank holding a best code
                 idx_real = merged.gather(1, winner[:, None]).squeeze(1) - 1
@@ -242,6 +247,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
             indices = prep.scatter(idx_real, T, fill=-1)
         ctx.save_for_backward(x, shard, tau, mask, y_real, lse_real)
         ctx.distance, ctx.backend_name, ctx.group, ctx.reduce_x_grad = distance, backend_name, group, reduce_x_grad
+        ctx.vocab_size = vocab_size
         ctx.mark_non_differentiable(indices, sums)
         ctx.set_materialize_grads(False)
         return y, lse, indices, counts, sums
@@ -256,6 +262,7 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
         backend = backends.load_backend(ctx.backend_name)
         with torch.autocast(x.device.type, enabled=False):
             prep = PreparedCall(x, shard, tau, mask, ctx.distance)
+            scoring = prep.scoring._replace(vocab_size=ctx.vocab_size)  # the centre of the whole vocabulary
             acc, frames, R = prep.acc, prep.frames, prep.frames.shape[0]
             grad_x_real = torch.zeros(R, x.shape[1], dtype=acc, device=x.device)
             grad_shard = torch.zeros(shard.shape, dtype=acc, device=x.device)
@@ -274,14 +281,13 @@ class _VocabParallelSoftVQ(torch.autograd.Function):
                 if counts_grad is None:
                     local = torch.zeros_like(lse_real)
                 else:
-                    local = chunked.expected_counts_gradient(frames, shard, prep.tau, prep.scoring, lse_real, counts_grad)
+                    local = chunked.expected_counts_gradient(frames, shard, prep.tau, scoring, lse_real, counts_grad)
                 everyone = local.clone()
                 dist.all_reduce(everyone, group=group)
                 gamma = gamma - (everyone - local)
                 if shard.shape[0] > 0:
-                    pieces = backend.backward(g, frames, shard, prep.tau, prep.scoring, y_real, lse_real, gamma,
-                                              counts_grad)
-                    grad_x_real, grad_shard, grad_tau = _shard_epilogue(pieces, frames, shard, prep.tau, prep.scoring,
+                    pieces = backend.backward(g, frames, shard, prep.tau, scoring, y_real, lse_real, gamma, counts_grad)
+                    grad_x_real, grad_shard, grad_tau = _shard_epilogue(pieces, frames, shard, prep.tau, scoring,
                                                                         lse_real)
             # One collective for the replicated inputs' partial gradients (tau always, x unless told not to).
             if ctx.reduce_x_grad:

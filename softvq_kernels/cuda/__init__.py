@@ -9,10 +9,12 @@ accumulation; fp32 products use 3xTF32 on tensor cores).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from softvq_kernels import planning
-from softvq_kernels.backends import BackwardPieces
+from softvq_kernels.backends import BackwardPieces, centre_vocab
 from softvq_kernels.cuda import _build
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA (WMMA) needs sm_80
@@ -58,7 +60,7 @@ def forward(x, codebook, tau, scoring, need_counts):
 def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
     """-> BackwardPieces (fp32); P and dS are staged, two (T, chunk) workspaces."""
     pieces = _build.load().backward(grad_y, x, codebook, tau, *_scoring_args(scoring), y, lse, grad_lse, grad_counts,
-                                    _chunk_cols(x, codebook, 2))
+                                    _chunk_cols(x, codebook, 2), math.log(centre_vocab(scoring, codebook.shape[0])))
     return BackwardPieces(*pieces)
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 import triton
 
-from softvq_kernels.backends import BackwardPieces
+from softvq_kernels.backends import BackwardPieces, centre_vocab
 from softvq_kernels.triton import configs, flash
 from softvq_kernels.triton.common import (
     DIST_COSINE,
@@ -77,7 +77,7 @@ def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
     ds_work = torch.empty(T, width, dtype=x.dtype, device=device)
     sums = dict(g=g, delta=delta, gamma=gamma, gn=None if grad_counts is None else grad_counts.contiguous(),
                 ds_out=ds_work, rowsum=pieces.ds_rows, ds_u=pieces.ds_u_rows, p_u=pieces.p_u_rows,
-                colsum=pieces.ds_cols, ds_s=pieces.ds_s_cols, log_v=math.log(V))
+                colsum=pieces.ds_cols, ds_s=pieces.ds_s_cols, log_v=math.log(centre_vocab(scoring, V)))
     for start, stop in chunks:
         n = stop - start
         c_rows = codebook[start:stop]

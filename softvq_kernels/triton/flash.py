@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from softvq_kernels.backends import BackwardPieces
+from softvq_kernels.backends import BackwardPieces, centre_vocab
 from softvq_kernels.triton import configs
 from softvq_kernels.triton.common import (
     DIST_CODES,
@@ -407,7 +407,7 @@ def backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -
     )
     _frame_grad_kernel[(triton.cdiv(T, block_t),)](
         *operands, pieces.grad_x_raw, pieces.ds_rows, pieces.ds_u_rows, pieces.p_u_rows,
-        T, V, d, x.stride(0), codebook.stride(0), g.stride(0), pieces.grad_x_raw.stride(0), math.log(V),
+        T, V, d, x.stride(0), codebook.stride(0), g.stride(0), pieces.grad_x_raw.stride(0), math.log(centre_vocab(scoring, V)),
         PREC_DSC=dot_precision(x.dtype, codebook.dtype), D_PAD=d_pad, **flags, **common,
     )
     return pieces
