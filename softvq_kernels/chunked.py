@@ -27,7 +27,7 @@ import math
 import torch
 
 from softvq_kernels import planning
-from softvq_kernels.backends import BackwardPieces, Scoring, score_centre
+from softvq_kernels.backends import BackwardPieces, Scoring, centre_vocab, score_centre
 from softvq_kernels.reference import accumulation_dtype
 
 
@@ -257,7 +257,7 @@ def backward(grad_y, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts):
     p_u_rows = torch.zeros(T, dtype=acc, device=dev)
     ds_cols = torch.empty(V, dtype=acc, device=dev) if distance == "l2" else None
     ds_s_cols = torch.empty(V, dtype=acc, device=dev) if distance == "cosine" else None
-    centre = score_centre(lse, V)[:, None]
+    centre = score_centre(lse, centre_vocab(scoring, V))[:, None]
     lse_col = lse[:, None]
     scores, p_and_ds_tiles, products = scorer.workspace(), scorer.workspace(2), scorer.workspace()
     for start, stop in _chunks(T, V, acc):
