@@ -29,17 +29,34 @@ def test_shape_parsing():
 
 def test_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
     out = tmp_path / "report.json"
-    bench_op.main(["--shapes", "64x300x24", "--impls", "eager,chunked", "--modes", "fwdbwd", "--reps", "1",
+    bench_op.main(["--shapes", "64x300x24", "--impls", "eager,sdpa,chunked", "--modes", "fwdbwd,hard", "--reps", "1",
                    "--out", str(out), "--plot", str(tmp_path / "plot.png")])
     report = json.loads(out.read_text())
-    assert {"date", "device", "versions", "shapes", "results"} <= report.keys()
-    rows = {r["impl"]: r for r in report["results"]}
-    assert set(rows) == {"eager", "chunked"}
-    for row in rows.values():
+    assert {"date", "command", "device", "versions", "auto_backend", "load_average_1_5_15min", "shapes",
+            "gemm_flops_per_s", "results"} <= report.keys()
+    rows = {(r["impl"], r["distance"], r["mode"]): r for r in report["results"]}
+    # sdpa has no hard-mode (or cosine) form; every (distance, mode) has a floor row
+    assert set(rows) == {(impl, "l2", mode) for impl in ("floor", "eager", "chunked") for mode in ("fwdbwd", "hard")} | {
+        ("sdpa", "l2", "fwdbwd")}
+    assert not bench_op.supports("sdpa", "cosine", "fwd")
+    best_rate = max(report["gemm_flops_per_s"]["64x300x24"].values())
+    assert rows["floor", "l2", "fwdbwd"]["time_s"] == pytest.approx(14 * 64 * 300 * 24 / best_rate)
+    for (impl, _, _), row in rows.items():
         assert "error" not in row, row
-        assert row["time_s"] > 0 and row["peak_bytes"] >= 0
-    assert rows["eager"]["time_vs_eager"] == 1.0
+        assert row["time_s"] > 0 and row["time_vs_floor"] > 0
+        if impl != "floor":
+            assert row["peak_bytes"] >= 0 and row["peak_rss_bytes"] >= 0
+    assert rows["eager", "l2", "fwdbwd"]["time_vs_eager"] == 1.0
+    assert rows["sdpa", "l2", "fwdbwd"]["time_vs_sdpa"] == 1.0
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("distance", bench_op.SDPA_DISTANCES)
+def test_sdpa_row_computes_soft_vq(distance):
+    """The sdpa mapping (l2: q = [x, 1, 0...], k = [c, -||c||^2/2, 0...], scale 2/tau) is the same y as eager."""
+    x, codebook = torch.randn(37, 20, dtype=torch.float64), torch.randn(101, 20, dtype=torch.float64)
+    torch.testing.assert_close(bench_op.sdpa_soft_vq(x, codebook, 0.7, distance),
+                               bench_op.naive_soft_vq(x, codebook, 0.7, distance), rtol=1e-10, atol=1e-12)
 
 
 def test_triton_profiler_calls_the_backend_contract():
