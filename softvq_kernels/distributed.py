@@ -37,11 +37,11 @@ Communication per call (T real frames, d features, R ranks, b = 4 bytes in fp32,
 
     all-gather   R int64 shard sizes (skipped with shard_offset=)
     forward      all-reduce MAX  2 T b             (lse_r, best local score)
-                 all-reduce SUM  (1 + d + 2R) T b  (S, S*y, argmax slots of 2 numbers per rank)
+                 all-reduce SUM  (2 + d + 2R) T b  (S, S*y, argmax slots of 2 numbers per rank, shard size)
     backward     all-reduce SUM  T b               (the counts-gradient term; zeros where no loss reaches counts)
                  all-reduce SUM  (T d + 1) b       (x gradient and tau gradient; 1 b with reduce_x_grad=False)
 
-e.g. T = 8192 frames, d = 4096, R = 8 in fp32: 64 KiB + 128.6 MiB forward, 128 MiB + 32 KiB backward,
+e.g. T = 8192 frames, d = 4096, R = 8 in fp32: 64 KiB + 128.7 MiB forward, 128 MiB + 32 KiB backward,
 independent of the vocabulary size. The (V, d) codebook never moves.
 
 Backends: any fused backend (chunked with gloo on CPU, triton or cuda with NCCL). The reference

@@ -266,8 +266,21 @@ def _compile_cutlass_gemm(tmp_path_factory, source: str, arch: str, one_instance
 
 
 @pytest.fixture(scope="module")
-def cutlass_sm90a_object(tmp_path_factory):
-    return _compile_cutlass_gemm(tmp_path_factory, "softvq_gemm_sm90.cu", "90a", "SOFTVQ_SM90A_GEMM_ONE_INSTANCE")
+def cutlass_sm90a_object():
+    """The one-instantiation sm_90a object of softvq_kernels.cuda.static_check (same flags plus -Xptxas -v),
+    compiled once into its cache: tests/test_static_check.py then reads the same object instead of spending
+    the same two minutes of nvcc again."""
+    if _build.find_cuda_home() is None:
+        pytest.skip("needs nvcc")
+    try:
+        _build.find_cutlass_include()
+    except RuntimeError as missing:
+        pytest.skip(str(missing))
+    from softvq_kernels.cuda import static_check
+
+    obj, log, seconds = static_check.cutlass_sm90a_object(one_instance=True)
+    print(f"\nsoftvq_gemm_sm90.cu (one instantiation) for sm_90a: {seconds:.1f} s of nvcc (0: cached)")
+    return obj, log
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +407,30 @@ def test_emulated_backend_shapes(emulated_cuda, T_shape, V, d):
 def test_emulated_backend_several_chunks(emulated_cuda, monkeypatch, dtype, distance):
     monkeypatch.setenv("SOFTVQ_WORKSPACE_BYTES", "1")  # 64-column chunks
     shared._check_against_reference(emulated_cuda, (67,), 200, 40, dtype, distance, masked=True)
+
+
+@needs_gxx
+@pytest.mark.parametrize("distance", ["l2", "cosine", "dot"])
+def test_emulated_backend_exact_at_large_temperature(emulated_cuda, distance):
+    from tests.test_large_temperature import assert_exact_at_large_temperature
+
+    for tau_value in (1e4, 1e6):
+        assert_exact_at_large_temperature(emulated_cuda, None, distance, tau_value, with_y=True)
+
+
+@needs_gxx
+def test_emulated_backend_ties_and_nan_frames(emulated_cuda):
+    """Identical rows -> the lowest index, a NaN frame -> -1 (tests/test_surface_exactness.py's rules)."""
+    import softvq_kernels as sk
+    from tests.test_surface_exactness import _first_argmax, _tied_problem
+
+    x, codebook, _ = _tied_problem(torch.float32)
+    x[-1, 0] = torch.nan
+    for distance in ("l2", "cosine", "dot"):
+        want = _first_argmax(torch.nan_to_num(x), codebook, 0.5, distance)
+        want[-1] = -1
+        _, aux = sk.soft_vq(x, codebook, 0.5, distance=distance, backend=emulated_cuda, return_aux=True)
+        assert aux.indices.tolist() == want.tolist()
 
 
 @needs_gxx
