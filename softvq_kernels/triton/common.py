@@ -447,6 +447,9 @@ def stage_chunk(cfg, *, x, codebook, scoring, tau, lse, xoff, v_start, v_stop,
         raise AssertionError("the S and dP chunks must share a layout")
     w, wsum = row_weights if row_weights is not None else (dummy, dummy)
     gn = g.get("gn")
+    # The counts-only launch (p's column sums, nothing stored) may run on its own warp count
+    # (cfg.counts_num_warps): its p only feeds a sum, so its scores need not share the online kernel's bits.
+    counts_only = p_out is None and grad is None and row_weights is None
 
     def opt(t):
         return dummy if t is None else t
@@ -466,7 +469,7 @@ def stage_chunk(cfg, *, x, codebook, scoring, tau, lse, xoff, v_start, v_stop,
         PREC_S=dot_precision(x.dtype, codebook.dtype),
         PREC_DP=dot_precision(g_ptr.dtype, codebook.dtype), ACC=tl_acc(tau.dtype),
         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=counts_only and cfg.counts_num_warps or cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -44,6 +44,10 @@ class KernelConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    # Warps of the counts-only staging launch (column sums of p, nothing stored; 0: num_warps). Its p feeds only
+    # a sum, so it need not share the online kernel's bits (static_check: at d = 256 on sm_90, 8 warps on a
+    # 64 x 128 tile get their wgmma serialised by ptxas, 4 do not).
+    counts_num_warps: int = 0
     # Fused forward (output accumulator of BLOCK_T x next_pow2(d) held on chip) when next_pow2(d) <= this;
     # otherwise the staged schedule (module docstring of softvq_kernels.triton).
     fused_max_d: int = 256
@@ -96,11 +100,13 @@ _GPU_16BIT_SMALL_D = KernelConfig(block_t=128, block_v=128, block_k=32, num_warp
                                   fused_bwd_block_t=64, fused_bwd_block_v=64, fused_bwd_block_d=128)
 # d = 256: the forward's 128 x 256 fp32 output accumulator beside a 128 x 128 score tile spills (255 registers,
 # 328 B per thread, inside the vocabulary loop); with 64-row tiles it holds in 228 registers.
-_GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64, num_stages=3)
+# The counts-only staging launch on these tiles: ptxas serialises its score wgmma (C7515) with 8 warps at every
+# stage count (2-4 tried) and pipelines it with 4 (108 registers): counts_num_warps=4 (sm_90 only; sm_80 has no wgmma).
+_GPU_16BIT_D256 = dataclasses.replace(_GPU_16BIT_SMALL_D, block_t=64, num_stages=3, counts_num_warps=4)
 # sm_80 (mma.sync, no wgmma): _mm_kernel's two-product variant at 4 warps needs 128 accumulator registers per thread
 # and spills inside its k loop (255 registers); at 8 warps it does not (and nothing to serialise).
 _SM80_16BIT_SMALL_D = dataclasses.replace(_GPU_16BIT_SMALL_D, mm_num_warps=8)
-_SM80_16BIT_D256 = dataclasses.replace(_GPU_16BIT_D256, mm_num_warps=8)
+_SM80_16BIT_D256 = dataclasses.replace(_GPU_16BIT_D256, mm_num_warps=8, counts_num_warps=0)
 _GPU_16BIT_LARGE_D = KernelConfig(block_t=128, block_v=128, block_k=64, num_warps=8, num_stages=3,
                                   mm_block_m=128, mm_block_n=128, mm_block_k=64, mm_num_warps=4, mm_num_stages=3,
                                   gemm="cublas", score_gemm=True)
