@@ -43,16 +43,19 @@ PAIRS = (("soft", "none"), ("soft", "plain"), ("hard", "none"), ("soft-no-ctc", 
          ("hard-soft", "soft"), ("hard-soft", "hard"))
 
 # For the estimate printed before the demo starts: seconds measured on the 2-core CPU the committed
-# results were made on (LM pretraining, data preparation, seconds per training step of each row,
-# decoding one run on every test set). A different machine takes longer or shorter; the results do not
-# change, because the step count is fixed. The measured speed is printed after each run's first steps.
-REFERENCE_CPU = {"cores": 2, "prepare": 80.0, "lm": 370.0, "eval": 30.0,
+# results were made on (LM pretraining, data preparation, encoder pretraining per step, seconds per
+# training step of each row, decoding one run on every test set). A different machine takes longer or
+# shorter; the results do not change, because the step count is fixed. The measured speed is printed
+# after each run's first steps. "step*": the built-in encoder trained inside the run, batch 8;
+# "bridge_step*": a frozen pretrained encoder (cached outputs), per utterance of the batch.
+REFERENCE_CPU = {"cores": 2, "prepare": 80.0, "lm": 370.0, "eval": 30.0, "encoder_step": 0.55, "encoder_cache": 40.0,
                  # per run, with one single-threaded process per core (demo --compare's default)
                  "step_parallel": {"none": 0.38, "hard": 0.36, "soft": 0.39, "plain": 0.37, "soft-no-ctc": 0.38,
                                    "hard-soft": 0.39},
                  # one run alone with both cores
                  "step": {"none": 0.32, "hard": 0.30, "soft": 0.33, "plain": 0.31, "soft-no-ctc": 0.32,
-                          "hard-soft": 0.33}}
+                          "hard-soft": 0.33},
+                 "bridge_step_parallel": 0.012, "bridge_step": 0.010}
 
 
 def resolve_rows(rows: list[str] | None, hard_soft: bool = False) -> list[str]:
@@ -74,13 +77,19 @@ def run_dir(runs: Path, row: str, seed_index: int) -> Path:
 
 
 def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool, need_lm: bool,
-                     hard_soft_steps: int = 0, jobs: int = 1, done: dict | None = None) -> float:
+                     hard_soft_steps: int = 0, jobs: int = 1, done: dict | None = None, *, encoder_steps: int = 0,
+                     frozen_encoder: bool = False, batch_size: int = 8) -> float:
     """Wall seconds on the reference CPU: preparation and LM pretraining, then the runs (each trained
     and decoded; ``done[(row, seed_index)]``: steps a run folder already has). ``jobs`` > 1 processes
     share the cores, so the runs take their total work divided by the cores in use, and never less
     than the longest run; hard-soft runs after the rest."""
     ref = REFERENCE_CPU
     step = ref["step_parallel"] if jobs > 1 else ref["step"]
+    if frozen_encoder:  # the bridge and the LLM only; batch-size proportional
+        per = (ref["bridge_step_parallel"] if jobs > 1 else ref["bridge_step"]) * batch_size
+        step = {r: per for r in step}
+    else:
+        step = {r: v * batch_size / 8 for r, v in step.items()}
     cores = min(jobs, ref["cores"])
     done = done or {}
 
@@ -93,7 +102,17 @@ def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool
 
     first = [run_time(r, k) for r in rows if r != "hard-soft" for k in range(seeds)]
     second = [run_time(r, k) for r in rows if r == "hard-soft" for k in range(seeds)]
-    return ref["prepare"] * need_prepare + ref["lm"] * need_lm + span(first) + span(second)
+    encoder = encoder_steps * ref["encoder_step"] + (ref["encoder_cache"] if frozen_encoder else 0.0)
+    return ref["prepare"] * need_prepare + ref["lm"] * need_lm + encoder + span(first) + span(second)
+
+
+def encoder_is_current(enc_dir: Path, data: Path, steps: int, batch_size: int, seed: int, arch=None) -> bool:
+    """The demo's pretrained encoder folder can be reused: made from this data with this plan."""
+    from asr_reference.pretrain_encoder import encoder_plan, is_current
+
+    train = data / "train.jsonl"
+    return train.is_file() and is_current(enc_dir, encoder_plan(train, steps=steps, batch_size=batch_size, seed=seed,
+                                                                 arch=arch))
 
 
 def fingerprint(*paths: Path) -> str:
@@ -191,7 +210,7 @@ def eval_run(run: Path, data: Path, beams: int, device: str, log=print) -> dict:
     """WER/CER of a run on every test set of ``data`` (hypotheses in RUN/hyp_<set>_b<beams>.jsonl)."""
     from asr_reference.data import test_sets
     from asr_reference.evaluate import evaluate
-    from asr_reference.train import load_run
+    from asr_reference.checkpoints import load_run
 
     model = load_run(run, device)
     out = {}

@@ -195,7 +195,7 @@ def diagnose_run(run: str | Path, manifests: Sequence[str | Path], device: str =
 
     ``device`` "auto" = cuda when available. ``checkpoint``/``overrides`` as in ``train.load_run``.
     """
-    from asr_reference.train import load_run
+    from asr_reference.checkpoints import load_run
 
     names = [Path(m).stem for m in manifests]
     dupes = sorted({n for n in names if names.count(n) > 1})

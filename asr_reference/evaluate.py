@@ -11,7 +11,7 @@ import torch
 
 from asr_reference.data import normalize_text
 from asr_reference.dataset import AudioDataset, make_loader, sorted_batches
-from asr_reference.train import load_run
+from asr_reference.checkpoints import load_run
 
 
 def error_rates(refs: list[str], hyps: list[str]) -> tuple[float, float]:

@@ -260,12 +260,18 @@ class LLMASR(nn.Module):
         self.extra_blank = tokenizer.pad_token_id is None or tokenizer.pad_token_id == self.eos_id
         self.blank_id = n_vocab if self.extra_blank else tokenizer.pad_token_id
         self.prefix_ids, self.prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.chat_template)
+        builtin_pretrained = False
         if cfg.encoder:
             from asr_reference.encoders import HFSpeechEncoder
+            from asr_reference.pretrain_encoder import BuiltinEncoder, is_builtin_encoder
 
             self.features = None
             self.specaug = None
-            self.encoder = HFSpeechEncoder(cfg.encoder, finetune=cfg.finetune_encoder)
+            builtin_pretrained = is_builtin_encoder(cfg.encoder)
+            if builtin_pretrained:  # a pretrain-encoder folder: the built-in Conformer, trained once
+                self.encoder = BuiltinEncoder(cfg.encoder, finetune=cfg.finetune_encoder, specaug=cfg.specaug)
+            else:
+                self.encoder = HFSpeechEncoder(cfg.encoder, finetune=cfg.finetune_encoder)
             enc_dim, frame_seconds = self.encoder.dim, self.encoder.frame_seconds
             self.sample_rate, self.max_seconds = self.encoder.sample_rate, self.encoder.max_seconds
         else:
@@ -282,6 +288,9 @@ class LLMASR(nn.Module):
         self.register_buffer("target_norm", emb.weight.detach().float().norm(dim=1).mean().reshape(()))
         n_units = len(CTC_CHARS) + 1 if cfg.ctc_units == "chars" else n_vocab + self.extra_blank
         self.ctc_head = nn.Linear(enc_dim, n_units) if cfg.ctc_weight > 0 else None
+        if builtin_pretrained and cfg.ctc_units == "chars":
+            # the pretrained encoder's own character CTC head (diagnose reads it); trained only with the encoder
+            self.ctc_head = self.encoder.model.ctc_head
         self.vq = None
         if cfg.compress and cfg.token_ctc_weight <= 0:
             raise ValueError("compress needs token_ctc_weight > 0 (the blank is learned by the token CTC)")
@@ -315,9 +324,30 @@ class LLMASR(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------
-    def embed_audio(self, wav: torch.Tensor, wav_lens: torch.Tensor):
-        """Audio -> (LLM-width embeddings (b, n, d), lengths (b,), aux dict)."""
-        enc, elen = self.encode(wav, wav_lens)
+    def encoder_trainable(self) -> bool:
+        """False for a frozen pretrained encoder: its outputs are then a fixed function of the audio
+        (eval mode, no SpecAugment), which training caches once (:mod:`asr_reference.feature_cache`)."""
+        return any(p.requires_grad for p in self.encoder.parameters())
+
+    def trained_parts(self) -> list[str]:
+        """The parts this model's training updates, in words (the compare table lists them)."""
+        parts = []
+        if self.encoder_trainable():
+            parts.append("encoder (fine-tuned)" if self.cfg.encoder else "encoder (from scratch)")
+        parts.append("projector")
+        if self.vq is not None:
+            learned = (["codebook"] if self.cfg.learnable_codebook else []) + (
+                ["tau"] if self.vq.learnable_temperature else [])
+            if learned:
+                parts.append("VQ " + " + ".join(learned))
+        if self.cfg.lora_rank > 0:
+            parts.append(f"LoRA r={self.cfg.lora_rank}")
+        return parts
+
+    def embed_audio(self, wav: torch.Tensor, wav_lens: torch.Tensor, encoded=None):
+        """Audio -> (LLM-width embeddings (b, n, d), lengths (b,), aux dict). ``encoded``: the encoder's
+        (frames, lengths) already computed (a frozen encoder's cached outputs); then ``wav`` is unused."""
+        enc, elen = encoded if encoded is not None else self.encode(wav, wav_lens)
         proj, plen = self.projector(enc, elen)
         proj = proj * (self.target_norm / proj.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(proj.dtype)
         aux = _Aux(self, enc=enc, enc_lens=elen)
@@ -403,14 +433,16 @@ class LLMASR(nn.Module):
                 attn[i, n - s.shape[0]:] = 1
         return embeds, attn, labels
 
-    def forward(self, wav, wav_lens, texts: list[str]):
-        audio, alens, aux = self.embed_audio(wav, wav_lens)
+    def forward(self, wav, wav_lens, texts: list[str], encoded=None):
+        audio, alens, aux = self.embed_audio(wav, wav_lens, encoded)
+        device = audio.device
         embeds, attn, labels = self.build_inputs(audio, alens, texts)
         logits = self.llm(inputs_embeds=embeds, attention_mask=attn).logits
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         loss = ce
         out = {"ce": ce.detach()}
-        if self.ctc_head is not None:
+        if self.ctc_head is not None and self.cfg.ctc_weight > 0 and (
+                self.encoder_trainable() or any(p.requires_grad for p in self.ctc_head.parameters())):
             if self.cfg.ctc_units == "chars":
                 targets = [torch.tensor(ctc_chars(t), dtype=torch.long) for t in texts]
                 blank = 0
@@ -419,7 +451,7 @@ class LLMASR(nn.Module):
                 blank = self.blank_id
             tlens = torch.tensor([len(t) for t in targets])
             logp = self.ctc_head(aux["enc"]).float().log_softmax(-1).transpose(0, 1)
-            ctc = F.ctc_loss(logp, torch.cat(targets).to(wav.device), aux["enc_lens"], tlens.to(wav.device),
+            ctc = F.ctc_loss(logp, torch.cat(targets).to(device), aux["enc_lens"], tlens.to(device),
                              blank=blank, zero_infinity=True)
             loss = loss + self.cfg.ctc_weight * ctc
             out["ctc"] = ctc.detach()
@@ -430,10 +462,10 @@ class LLMASR(nn.Module):
             # target tokens gathered (log p = score - lse): equal to log_softmax over all V codes, no (b, n, V).
             targets = [torch.tensor(encode(self.tokenizer, t), dtype=torch.long) for t in texts]
             tlens = torch.tensor([len(t) for t in targets])
-            with torch.autocast(wav.device.type, enabled=False):
+            with torch.autocast(device.type, enabled=False):
                 tctc = code_ctc_loss(aux["token_frames"], self.vq.codebook.float(), self.vq.temperature,
-                                     aux["token_lse"], torch.cat(targets).to(wav.device), aux["proj_lens"],
-                                     tlens.to(wav.device), blank=self.blank_id, distance=self.cfg.distance,
+                                     aux["token_lse"], torch.cat(targets).to(device), aux["proj_lens"],
+                                     tlens.to(device), blank=self.blank_id, distance=self.cfg.distance,
                                      zero_infinity=True)
             loss = loss + self.cfg.token_ctc_weight * tctc
             out["tctc"] = tctc.detach()
@@ -465,6 +497,8 @@ class LLMASR(nn.Module):
     def frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the pretrained parts that are reloaded from their folders, not saved."""
         frozen_encoder = bool(self.cfg.encoder) and not self.cfg.finetune_encoder
+        if frozen_encoder and self.ctc_head is not None and self.ctc_head is getattr(self.encoder.model, "ctc_head", None):
+            return ("llm.", "encoder.model.", "ctc_head.")  # the pretrained encoder's own head, frozen with it
         return ("llm.", "encoder.model.") if frozen_encoder else ("llm.",)
 
     def trainable_state(self) -> dict:

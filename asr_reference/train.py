@@ -25,71 +25,16 @@ from tqdm import tqdm
 from asr_reference.data import read_manifest
 from asr_reference.dataset import (AudioDataset, AudioSet, epoch_batches, make_loader,  # noqa: F401 (AudioSet:
                                    seconds_batches, sorted_batches)  # the names earlier code imported from here)
+from asr_reference.checkpoints import (config_diff, load_run, read_checkpoint,  # noqa: F401 (load_run:
+                                       save_checkpoint)  # imported from here by earlier code)
 from asr_reference.errors import ASRError, CheckpointError
+from asr_reference.evaluate import evaluate
+from asr_reference.model import ASRConfig, build_model, count_params
 
 
 class RunExistsError(ASRError, FileExistsError):
     """A new run was asked for in a folder that already has a checkpoint."""
-from asr_reference.model import ASRConfig, LLMASR, build_model, count_params
 
-
-# ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to ``path.tmp`` then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """A checkpoint written by :func:`save_checkpoint`; a damaged or foreign file is a one-line error."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found (train first)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # EOFError, UnpicklingError ("invalid load key"), RuntimeError (zip) ...
-        msg = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else "file ends early"
-        raise CheckpointError(f"{path}: cannot read checkpoint, damaged or not a checkpoint "
-                              f"({type(exc).__name__}: {msg})") from None
-    missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a checkpoint of this program (no {', '.join(map(repr, missing))})")
-    return state
-
-
-def config_diff(saved: dict, wanted: dict) -> list[str]:
-    """``key: saved -> wanted`` for every config entry that differs."""
-    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-            if saved.get(k) != wanted.get(k)]
-
-
-def load_run(run: str | Path, device: str = "cpu", checkpoint: str = "last",
-             overrides: dict | None = None) -> LLMASR:
-    """The model of a run folder, ready for decoding.
-
-    ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, the lowest dev WER). ``overrides`` replace
-    config entries, e.g. ``{"llm": new_path}`` for an LLM folder that moved.
-    """
-    run = Path(run)
-    if not run.is_dir():
-        raise CheckpointError(f"{run}: run folder not found")
-    ckpt = run / ("best.pt" if checkpoint == "best" else "checkpoint.pt")
-    if not ckpt.is_file():
-        hint = "train with --dev to keep one" if checkpoint == "best" else "train first"
-        raise CheckpointError(f"{ckpt}: no checkpoint ({hint})")
-    state = read_checkpoint(ckpt, map_location=device)
-    raw = dict(state["config"])
-    raw.setdefault("ctc_units", "tokens")  # runs made before character CTC became the default
-    raw.update(overrides or {})
-    cfg = ASRConfig.from_dict(raw, str(ckpt))
-    model = build_model(cfg, device)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    bad = [k for k in missing if not k.startswith(model.frozen_prefixes())] + list(unexpected)
-    if bad:
-        raise CheckpointError(f"{ckpt}: checkpoint does not match the model: {bad[:5]}")
-    return model.eval()
 
 
 @dataclass
@@ -120,6 +65,8 @@ class TrainArgs:
     # a run folder whose trained weights (checkpoint.pt) start this new run, e.g. hard VQ -> soft VQ
     init_from: str | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step: simulates a kill
+    # a frozen pretrained encoder: compute its outputs once (asr_reference.feature_cache) instead of every step
+    feature_cache: bool = True
     device: str = "auto"
     quiet: bool = False
     # False: no tqdm bar (several runs in parallel share one terminal; their caller shows one bar)
@@ -244,7 +191,7 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     total_p, train_p = count_params(model)
     if rank == 0 and not args.quiet:
         log(f"train: {len(data)} utterances ({sum(data.seconds) / 3600:.2f} h), vq={cfg.vq}, "
-            f"encoder {cfg.encoder or 'built-in'}, {train_p / 1e6:.2f} M trainable of "
+            f"encoder {cfg.encoder or 'built-in'}, trains {', '.join(model.trained_parts())}: {train_p / 1e6:.2f} M trainable of "
             f"{total_p / 1e6:.2f} M params, device {device}, world {world}")
         if data.skipped:
             log(f"train: skipped {data.skipped} utterances longer than the encoder's {model.max_seconds:.0f} s window")
@@ -300,8 +247,6 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
         """Dev WER on rank 0 (others wait); best.pt keeps the weights of the best one so far."""
         nonlocal best_wer
         if rank == 0:
-            from asr_reference.evaluate import evaluate
-
             rngs = _rng_state()  # decoding must not move the training's random stream
             res = evaluate(model, dev, batch_size=max(1, args.batch_size), limit=args.dev_limit, workers=args.workers,
                            out_file=run / "hyp_dev_last.jsonl")
@@ -328,16 +273,32 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
 
     n_batches = len(plan(epoch))
 
+    cached = None
+    if args.feature_cache and not model.encoder_trainable():
+        from asr_reference.feature_cache import cache_file, encoder_frames
+
+        cached = encoder_frames(model, data, cache_file(model, args.train, run), log=log if rank == 0 else (lambda m: None))
+
     def micro_batches():
-        """(wav, lengths, texts) of this rank, endlessly over epochs; (epoch, pos) name the next one."""
+        """(wav, lengths, texts, encoded) of this rank, endlessly over epochs; (epoch, pos) name the next
+        one. With a frozen encoder's cache: wav and lengths are None and ``encoded`` holds its frames."""
         nonlocal epoch, pos, n_batches
         while True:
             batches = plan(epoch)
             n_batches = len(batches)
-            for wav, lens, texts in make_loader(data, [b[rank::world] for b in batches[pos:]], args.workers):
-                pos += 1
-                if texts:  # a rank's share of a tiny last batch may be empty
-                    yield wav.to(device), lens.to(device), texts
+            shares = [b[rank::world] for b in batches[pos:]]
+            if cached is not None:
+                from asr_reference.feature_cache import padded
+
+                for idx in shares:
+                    pos += 1
+                    if idx:
+                        yield None, None, [data.rows[i]["text"] for i in idx], padded(cached, idx, device)
+            else:
+                for wav, lens, texts in make_loader(data, shares, args.workers):
+                    pos += 1
+                    if texts:  # a rank's share of a tiny last batch may be empty
+                        yield wav.to(device), lens.to(device), texts, None
             epoch, pos = epoch + 1, 0
 
     logf = open(run / "train_log.jsonl", "a") if rank == 0 else None
@@ -359,12 +320,12 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
         if schedule:
             model.vq.temperature = tau_at(schedule, step, total_steps)
         for micro in range(args.grad_accum):
-            wav, lens, texts = next(stream)
+            wav, lens, texts, encoded = next(stream)
             # DDP: all-reduce the gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else net.no_sync()
             with sync:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    out = net(wav, lens, texts)
+                    out = net(wav, lens, texts, encoded)
                 (out["loss"] / args.grad_accum if args.grad_accum > 1 else out["loss"]).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
@@ -398,7 +359,7 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     bar.close()
     if logf:
         logf.close()
-    summary = {"run": str(run), "vq": cfg.vq, "steps": step, "trained_steps": step - start_step, "epochs": round(epoch + pos / max(1, n_batches), 2),
+    summary = {"run": str(run), "vq": cfg.vq, "trained": model.trained_parts(), "steps": step, "trained_steps": step - start_step, "epochs": round(epoch + pos / max(1, n_batches), 2),
                "seconds": round(time.time() - t0, 1),
                **{("vq_loss" if k == "vq" else k): last.get(k) for k in ("loss", "ce", "ctc", "tctc", "vq", "ppl")}}
     if best_wer is not None:

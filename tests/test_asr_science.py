@@ -281,16 +281,17 @@ def test_demo_compare_tiny(tiny, tmp_path, monkeypatch):
     estimate printed first, mean ± std and bootstrap lines in the markdown."""
     import shutil
 
-    from asr_reference import __main__ as cli
+    from asr_reference import cli
+    from asr_reference.cli import common
 
     data = tmp_path / "data"
     shutil.copytree(tiny["root"] / "data", data)
     (data / "test_ood_noise.jsonl").rename(data / "test_in.jsonl")  # a set named test_in, as demo expects
     shutil.copy(data / "test_in.jsonl", data / "test_ood_noise.jsonl")
-    monkeypatch.setitem(cli.DEFAULTS, "cpu", {**cli.DEFAULTS["cpu"], "batch_size": 4})
+    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4})
     _short_decoding(monkeypatch)
     lines = []
-    monkeypatch.setattr(cli, "_log", lambda m: lines.append(m))
+    monkeypatch.setattr(common, "log", lambda m: lines.append(m))
     out = tmp_path / "results"
     cli.main(["demo", "--compare", "--rows", "plain", "soft", "--seeds", "2", "--steps", "1", "--data", str(data), "--runs", str(tmp_path / "runs"),
               "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu", "--warmup", "1",
@@ -320,14 +321,15 @@ def test_demo_compare_parallel_jobs(tiny, tmp_path, monkeypatch, capfd):
     give the same table as one process would: the same runs, steps and seeds."""
     import shutil
 
-    from asr_reference import __main__ as cli
+    from asr_reference import cli
+    from asr_reference.cli import common
 
     data = tmp_path / "data"
     shutil.copytree(tiny["root"] / "data", data)
     (data / "test_ood_noise.jsonl").rename(data / "test_in.jsonl")
-    monkeypatch.setitem(cli.DEFAULTS, "cpu", {**cli.DEFAULTS["cpu"], "batch_size": 4})
+    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4})
     lines = []
-    monkeypatch.setattr(cli, "_log", lambda m: lines.append(m))
+    monkeypatch.setattr(common, "log", lambda m: lines.append(m))
     out = tmp_path / "results"
     cli.main(["demo", "--compare", "--rows", "plain", "hard", "--steps", "2", "--data", str(data),
               "--runs", str(tmp_path / "runs"), "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu",
