@@ -15,8 +15,11 @@
 namespace softvq {
 namespace dev {
 
+// bf16 gets a register budget for 2 resident blocks per SM: at ptxas's own target of 3 (168 registers) it
+// spilled one register inside the d loop; with 2 it uses 222 and spills nothing (softvq_kernels.cuda.static_check,
+// sm_90a; unmeasured: 8 warps per SM instead of 12). fp16 (130) and fp32 (208) do not spill at ptxas's choice.
 template <typename T>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, std::is_same<T, __nv_bfloat16>::value ? 2 : 0)
     dscores_kernel(const T* __restrict__ x, const T* __restrict__ g, const T* keys, const float* __restrict__ colv,
                    const float* __restrict__ rowv, const float* __restrict__ frame_sq, const float* __restrict__ tau,
                    const float* __restrict__ lse, const float* __restrict__ delta, const float* __restrict__ gamma,
@@ -71,13 +74,17 @@ __global__ void __launch_bounds__(NTHREADS)
   {  // row sums of ds, ds * u and p * u: two adjacent lanes per row, 32 columns each
     const int r = threadIdx.x >> 1, c0_ = (threadIdx.x & 1) * (BN / 2);
     float sum = 0.f, sum_du = 0.f, sum_pu = 0.f;
+    // p = exp(u - (lse - centre)): lse - centre is log V up to the rounding of the centre, which u carries too
+    // (exactly 1 at a one-hot row's argmax, as the staged P)
+    const float lse_t = m0 + r < T_ ? __ldg(lse + m0 + r) : 0.f;
+    const float shift = lse_t - (lse_t - log_v);
 #pragma unroll 8
     for (int c = 0; c < BN / 2; ++c) {
       const float ds = DP[r * LDC + c0_ + c], u = S[r * LDC + c0_ + c];
       if (u == -INFINITY) continue;
       sum += ds;
       if (ds != 0.f) sum_du += ds * u;
-      const float p = expf(u - log_v);
+      const float p = expf(u - shift);
       if (p != 0.f) sum_pu += p * u;
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);

@@ -38,8 +38,12 @@ __device__ __forceinline__ void merge_stats(float& m, float& s, int& i, float m2
   s = a + b;
 }
 
+// fp32 (3xTF32: three operand fragments per product) gets a register budget for 2 resident blocks per SM:
+// by default ptxas aims at 3 (168 registers) and spilled 36 B per thread inside the d loop; it uses 207 and
+// spills nothing (softvq_kernels.cuda.static_check, sm_90a; unmeasured: 8 warps per SM instead of 12).
+// The 16-bit instances keep ptxas's own choice (0: no minimum), 128 registers without spills.
 template <typename T>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, sizeof(T) == 4 ? 2 : 0)
     lse_partials_kernel(const T* __restrict__ x, const T* __restrict__ keys, const float* __restrict__ colv,
                         const float* __restrict__ rowv, const float* __restrict__ tau, int64_t T_, int64_t V,
                         int64_t d, int64_t tiles_per_split, float* __restrict__ part_max,
