@@ -99,7 +99,10 @@ void test_scores(int64_t Tn, int64_t V, int64_t d, bool l2, int64_t splits_wante
       double p = std::exp(a[t * V + c0 + v] - lse_a_ref[t]); double dp = 0; for (int64_t j = 0; j < d; ++j) dp += G.d[t * d + j] * Kc.d[(c0 + v) * d + j];
       double ds = emu_to_float(P[t * width + v]) == 1.0f ? gamma[t] : p * (dp + gn[c0 + v] - delta[t]);
       dsw.push_back(ds * kappa); dsg.push_back(emu_to_float(dS[t * width + v])); p2w.push_back(p); p2g.push_back(emu_to_float(P[t * width + v]));
-      const double u = a[t * V + c0 + v] - lse_a_ref[t] + log_v;
+      // u_tv = s_tv - c_t with the kernel's fp32 c_t = lse_t - log V (backends.score_centre); written as
+      // log p_tv + (lse_t - c_t) so that the fp32 scores' own rounding (which lse shares) is not counted
+      const float centre = lse[t] - log_v;
+      const double u = (a[t * V + c0 + v] - lse_a_ref[t]) + (static_cast<double>(lse[t]) - static_cast<double>(centre));
       csw[c0 + v] += ds; rsw[t] += ds; puw[t] += p * u; duw[t] += ds * u; }
   }
   check("bwd P", rel(p2g, p2w), tol); check("dS * kappa", rel(dsg, dsw), tol);
