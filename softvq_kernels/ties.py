@@ -25,6 +25,7 @@ import torch
 _EXACT_BITS = 52
 _TOTAL_WEIGHT_BITS = 48
 _CHUNK_ELEMENTS = 1 << 21
+_GPU_CHUNK_ELEMENTS = 1 << 24
 _PRIME = 2147483629  # the largest prime below 2^31
 _cache: dict = {}
 
@@ -50,7 +51,9 @@ def row_keys(codebook: torch.Tensor) -> torch.Tensor:
     weights = weights.to(rows.device, torch.float64)
     V = rows.shape[0]
     keys = torch.empty(V, n_keys, dtype=torch.float64, device=rows.device)
-    step = max(1, _CHUNK_ELEMENTS // pieces)
+    # fp64 pieces per block: cache-sized on the CPU, large on a GPU (few launches for a 128k x 4096 table)
+    budget = _CHUNK_ELEMENTS if rows.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
+    step = max(1, budget // pieces)
     for start in range(0, V, step):
         block = (rows[start : start + step] + 0.0).contiguous()  # + 0.0 turns -0.0 into +0.0
         keys[start : start + step] = block.view(view).to(torch.float64) @ weights
