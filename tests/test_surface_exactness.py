@@ -263,3 +263,30 @@ def test_code_losses_refuse_bad_arguments():
     # the padding of padded targets may hold anything (here the blank): only the first target_lengths count
     loss = sk.code_ctc_loss(x, codebook, 0.5, lse, torch.tensor([[1, 2], [3, 0]]), lengths, [2, 1], **ctc)
     assert torch.isfinite(loss)
+
+
+def test_code_ctc_loss_gradients_under_compile():
+    """code_ctc_loss in a compiled function (graph breaks allowed: its target bookkeeping is host-side) gives
+    the formulas' loss and gradients, NaN past the input lengths included."""
+    b, n, V, d = 2, 6, 9, 4
+    x = torch.randn(b, n, d, dtype=torch.float64)
+    codebook, tau = torch.randn(V, d, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    input_lengths, target_lengths = torch.tensor([6, 4]), torch.tensor([3, 2])
+    targets = torch.randint(1, V, (b, 3))
+    valid = torch.arange(n)[None, :] < input_lengths[:, None]
+
+    def loss_fn(x, codebook, tau):
+        _, aux = sk.soft_vq(x, codebook, tau, distance="cosine", mask=valid, backend="chunked", return_aux=True)
+        return sk.code_ctc_loss(x, codebook, tau, aux.lse, targets, input_lengths, target_lengths, blank=0,
+                                distance="cosine")
+
+    leaves = _leaves(torch.where(valid[..., None], x, torch.nan), codebook, tau)
+    loss = torch.compile(loss_fn, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref = _leaves(torch.where(valid[..., None], x, 0.0), codebook, tau)
+    log_probs = formula_scores(ref[0].reshape(-1, d), ref[1], ref[2], "cosine").log_softmax(-1).reshape(b, n, V)
+    want = F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, blank=0)
+    grads_ref = torch.autograd.grad(want, ref)
+    torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-11)
+    for got, expected in zip(grads, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
