@@ -2,7 +2,8 @@
 # One GPU call (<= 10 minutes) for the Triton groundwork of issues 11 and 12, written without a GPU:
 #   - flash.py (KernelConfig.fused_finish / fused_backward, d <= 256): few-launch forward, FlashAttention
 #     style backward; hard-mode forward (lse_argmax) on every schedule;
-#   - forward.py's one-pass large-d forward (KernelConfig.online_output, with score_gemm).
+#   - forward.py's one-pass large-d forward (KernelConfig.online_output, with score_gemm);
+#   - TMA tile loads (KernelConfig.tma, sm_90: issue 23) on the default and the flash schedule.
 # Stages: install, GPU tests of the new paths, then timings old vs new schedule (bf16, fwd, fwd+bwd,
 # hard-mode forward) at the four shapes, kernel counts (torch.profiler) and a CUDA-graph capture of the
 # flash path. Everything lands in $OUT (or benchmarks/results/ without it) as JSON / logs.
@@ -22,8 +23,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 1. GPU tests of the new paths (the interpreter tests run them at tiny shapes; here real tiles compile).
-timeout 200 "$PY" -m pytest -q -x tests/test_triton_flash.py tests/test_triton.py \
-  -k "flash or online_output or hard or launch or gpu or config" -rs --durations=10 \
+timeout 200 "$PY" -m pytest -q -x tests/test_triton_flash.py tests/test_triton.py tests/test_triton_tma.py \
+  -k "flash or online_output or hard or launch or gpu or config or tma" -rs --durations=10 \
   > "$DEST/gpu-tests-next-$STAMP.log" 2>&1 || status=1
 tail -n 5 "$DEST/gpu-tests-next-$STAMP.log"
 
@@ -62,9 +63,12 @@ def timed(fn, reps=5):
 
 def variants(base, d):
     if triton_pow2(d) <= base.fused_max_d:
-        return {"default": base, "flash": dataclasses.replace(base, fused_finish=True, fused_backward=True),
-                "flash_fwd_only": dataclasses.replace(base, fused_finish=True)}
+        flash = dataclasses.replace(base, fused_finish=True, fused_backward=True)
+        return {"default": base, "flash": flash, "flash_fwd_only": dataclasses.replace(base, fused_finish=True),
+                "tma": dataclasses.replace(base, tma=True), "flash_tma": dataclasses.replace(flash, tma=True)}
     out = {"default": base, "score_gemm": dataclasses.replace(base, score_gemm=True, gemm="cublas")}
+    if not base.score_gemm:
+        out["tma"] = dataclasses.replace(base, tma=True)
     out["score_gemm_online_output"] = dataclasses.replace(out["score_gemm"], online_output=True)
     return out
 

@@ -83,10 +83,11 @@ def _triton_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_PTXAS, reason="needs the ptxas / cuobjdump the triton wheel ships")
 def test_triton_kernels_pass_the_static_check_at_the_ci_shapes(tmp_path):
-    """Every compile of the default schedule, the opt-in ones (fused, online_output) and the code-counts
-    variants at the CI shapes (static_check.CI_SHAPES: every distinct compile of the seven reference shapes but
-    the d = 64 copies of the d = 128 kernels), sm_90 and sm_80, compiled in parallel, one per core (about
-    2 minutes uncached on 2 cores; the full sweep is the script's default and the committed table)."""
+    """Every compile of the default schedule, the opt-in ones (fused, online_output, and on sm_90 tma /
+    fused_tma: tiles through TMA descriptors) and the code-counts variants at the CI shapes
+    (static_check.CI_SHAPES: every distinct compile of the seven reference shapes but the d = 64 copies of the
+    d = 128 kernels), sm_90 and sm_80, compiled in parallel, one per core (about 3 minutes uncached on 2 cores;
+    the full sweep is the script's default and the committed table)."""
     result, report = _triton_check(tmp_path, "--shapes", "ci")
     print(result.stdout)
     kernels = {(row["arch"], row["kernel"]) for row in report["rows"]}
@@ -107,6 +108,12 @@ def test_triton_kernels_pass_the_static_check_at_the_ci_shapes(tmp_path):
                       + "; ".join(f"{' '.join(key)}: {value}" for key, value in failing.items()), stacklevel=1)
     hopper_dots = [row for row in report["rows"] if row["arch"] == "sm_90" and row["dots"]]
     assert hopper_dots and all(row["hgmma"] and not row["hmma"] for row in hopper_dots)
+    # The TMA schedules (KernelConfig.tma, sm_90 only): their kernels read tiles with UTMALDG, and only they do.
+    tma_rows = [row for row in report["rows"] if "TMA=1" in row["variant"]]
+    assert {row["kernel"] for row in tma_rows} == {"online_kernel", "_codebook_grad_kernel", "_frame_grad_kernel",
+                                                   "_counts_gradient_kernel"}, sorted(r["kernel"] for r in tma_rows)
+    assert all(row["arch"] == "sm_90" and row["tma"] and row["hgmma"] for row in tma_rows)
+    assert not any(row["tma"] for row in report["rows"] if "TMA=1" not in row["variant"])
 
 
 @pytest.mark.skipif(not HAS_PTXAS, reason="needs the ptxas / cuobjdump the triton wheel ships")

@@ -10,6 +10,7 @@ p = exp((a - x_offset) - lse) is exactly 1 at the argmax when the softmax is one
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -50,6 +51,87 @@ def check_interpreter_dtypes(*tensors: torch.Tensor) -> None:
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor whose last dimension has unit stride (row stride may be anything)."""
     return t if t.stride(-1) == 1 and t.stride(0) >= 0 else t.contiguous()
+
+
+# TMA (KernelConfig.tma): the kernels that read their tiles through tensor descriptors check these first.
+TMA_MAX_BOX = 256  # elements per dimension of one TMA box (cuTensorMapEncodeTiled)
+
+
+class TMAFallback(UserWarning):
+    """KernelConfig.tma was asked for but an input does not qualify: the pointer path ran instead."""
+
+
+def tma_fallback_reason(tensors, boxes, device: torch.device,
+                        names=("frames", "codebook", "upstream gradient")) -> str | None:
+    """Why the TMA path cannot read ``tensors`` (2-D, last dim contiguous) in boxes of ``boxes`` (per tensor, a
+    list of (rows, cols) box shapes), or None when it can. TMA needs a 16-byte aligned base, 16-byte aligned row
+    strides, a unit last stride, boxes of at most 256 elements per dimension with >= 16 bytes in the last one,
+    and a GPU that has it (sm_90+); Triton's interpreter (CPU) and meta tensors (static_check) check the same
+    layout rules. The pointer path runs when this is not None: never a wrong answer."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return f"TMA needs sm_90 or newer (this GPU is sm_{major}{minor})"
+    for name, t, shapes in zip(names, tensors, boxes):
+        size = t.element_size()
+        if t.dim() != 2 or t.stride(-1) != 1:
+            return f"{name}: last dimension not contiguous"
+        if t.device.type != "meta" and t.data_ptr() % 16:
+            return f"{name}: base address {t.data_ptr():#x} not 16-byte aligned"
+        if (t.stride(0) * size) % 16:
+            return (f"{name}: row stride {t.stride(0)} x {size} B = {t.stride(0) * size} B is not a multiple of 16 B "
+                    f"(pad rows to a multiple of {16 // size} elements)")
+        for box in shapes:
+            if max(box) > TMA_MAX_BOX:
+                return f"{name}: TMA box {box} has a dimension over {TMA_MAX_BOX} elements"
+            if box[-1] * size < 16:
+                return f"{name}: TMA box {box} has {box[-1] * size} < 16 B in its last dimension"
+    return None
+
+
+def tma_aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (rows, d) itself when TMA can address its rows, else a copy whose rows start 16 bytes apart (a view of
+    a row-padded buffer): for an operand the launcher makes itself (the backward's upstream gradient, which
+    autograd hands over contiguous, so with 2 d-byte rows at odd d), at the cost of one O(T d) copy."""
+    size = t.element_size()
+    if (t.stride(0) * size) % 16 == 0 and t.stride(-1) == 1 and (t.device.type == "meta" or t.data_ptr() % 16 == 0):
+        return t
+    width = -(-t.shape[1] * size // 16) * 16 // size
+    return torch.empty(t.shape[0], width, dtype=t.dtype, device=t.device)[:, : t.shape[1]].copy_(t)
+
+
+def _tma_workspace(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors (tl.make_tensor_descriptor) live in a global workspace that Triton gets
+    from ``triton.set_allocator``'s allocator at launch. Set one (torch's caching allocator on the current
+    device) unless one is already set in this context: a user's allocator is never replaced."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_workspace)
+
+
+def use_tma(cfg, tensors, boxes, device: torch.device) -> bool:
+    """Whether a launch may take its TMA path: cfg.tma and the inputs qualify (else a TMAFallback warning
+    naming why, and the pointer path). On a GPU it also makes sure a descriptor workspace allocator is set."""
+    if not cfg.tma:
+        return False
+    reason = tma_fallback_reason(tensors, boxes, device)
+    if reason is not None:
+        warnings.warn(f"KernelConfig.tma: pointer path instead of TMA: {reason}", TMAFallback, stacklevel=3)
+        return False
+    if device.type == "cuda":
+        ensure_tma_allocator()
+    return True
+
+
+def online_tma(cfg, x: torch.Tensor, codebook: torch.Tensor, acc_y: bool, d_pad: int) -> bool:
+    """The TMA constexpr of an ``online_kernel`` launch that computes its own score tiles (not FROM_GEMM)."""
+    codebook_boxes = [(cfg.block_v, cfg.block_k)] + ([(cfg.block_v, d_pad)] if acc_y else [])
+    return use_tma(cfg, (x, codebook), ([(cfg.block_t, cfg.block_k)], codebook_boxes), x.device)
 
 
 # Triton's CPU interpreter runs tl.dot as a numpy matmul, whose rounding depends on the output column
@@ -105,6 +187,39 @@ def score_tile(x_ptr, k_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, co
             xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             kt = tl.load(k_ptr + cols[None, :] * stride_k + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc = mma(xt, kt, acc, PREC)
+    return score_scale(acc, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, DIST, ACC)
+
+
+@triton.jit
+def score_tile_tma(x_desc, k_desc, colv_ptr, rowv_ptr, inv_tau, row0, col0, rows, cols, row_ok, col_ok, D,
+                   DIST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``score_tile`` with the frame and codebook tiles read through TMA tensor descriptors (x_desc: (T, D)
+    in (BLOCK_T, BLOCK_K) blocks, k_desc: (V, D) in (BLOCK_V, BLOCK_K) blocks; KernelConfig.tma). TMA fills
+    the rows / columns past T, V and D with zeros, which is what the pointer path's masked loads give, and the
+    products run in the same k order with the same BLOCK_K, so the scores are those of ``score_tile``."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        xt = x_desc.load([row0, k0])
+        kt = tma_transpose(k_desc.load([col0, k0]), BLOCK_V, BLOCK_K)
+        acc = mma(xt, kt, acc, PREC)
+    return score_scale(acc, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, DIST, ACC)
+
+
+@triton.jit
+def tma_transpose(tile, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """tile.T of a (ROWS, COLS) tile read by TMA (the codebook tile as the B operand of x c^T). Under the
+    interpreter numpy's transpose is a strided view whose sums round in another order than the pointer path's
+    freshly gathered tile: lay it out again there, so both paths give the same bits."""
+    out = tile.T
+    if INTERPRETED:
+        out = tl.reshape(tl.reshape(out, [COLS * ROWS]), [COLS, ROWS])
+    return out
+
+
+@triton.jit
+def score_scale(acc, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, DIST: tl.constexpr, ACC: tl.constexpr):
+    """The shifted scores of ``score_tile`` from the tile's <x, k> products ``acc``; -inf past V."""
     if DIST == 1:
         knorm = tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         a = acc * (2.0 * inv_tau) - knorm[None, :] * inv_tau
@@ -147,13 +262,16 @@ def online_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr,
                    DIST: tl.constexpr, ACC_Y: tl.constexpr, FROM_GEMM: tl.constexpr, FINISH: tl.constexpr,
                    PREC_S: tl.constexpr, PREC_Y: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                   D_PAD: tl.constexpr):
+                   D_PAD: tl.constexpr, TMA: tl.constexpr = False):
     """Program (t-block, split): online max m, sum l (relative to m), first argmax, and with ACC_Y the
     unnormalised sum_v exp(a - m) c_v over the split's vocabulary tiles; written to the split's slot.
     FROM_GEMM: the tiles tile0 + [0, tiles_per_split) of one vocabulary chunk whose <x, c> products cuBLAS
     wrote to s_ptr (column tile0 * BLOCK_V first), into slot slot0 + split (V: the chunk's end).
     FINISH (one split only): write the final results instead of partials: idx (T,), the true lse
     m + log l - xoff (T,) (xoff_ptr: ||x||^2 / tau for l2) and y = acc / l (T, d) into acc_ptr.
+    TMA (not with FROM_GEMM; the launcher checks ``tma_fallback_reason`` first): the frame and codebook tiles
+    (score operands, and with ACC_Y the (BLOCK_V, D_PAD) codebook tile of the output product) are read through
+    device-side tensor descriptors (UTMALDG on sm_90; the launcher sets triton's allocator for their workspace).
     FLOPs: 2 T V d for the scores, 2 T V d more with ACC_Y."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
@@ -166,13 +284,22 @@ def online_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr,
     if ACC_Y:
         dcols = tl.arange(0, D_PAD)
         acc = tl.zeros((BLOCK_T, D_PAD), dtype=ACC)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, D], strides=[stride_x, 1], block_shape=[BLOCK_T, BLOCK_K])
+        k_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, BLOCK_K])
+        if ACC_Y:
+            v_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, D_PAD])
     first = tile0 + split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
-                       DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, tile0 * BLOCK_V, FROM_GEMM)
+        if TMA:
+            a = score_tile_tma(x_desc, k_desc, colv_ptr, rowv_ptr, inv_tau, pid_t * BLOCK_T, tile * BLOCK_V, rows, cols,
+                               row_ok, col_ok, D, DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+        else:
+            a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
+                           DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, s_ptr, stride_s, tile0 * BLOCK_V, FROM_GEMM)
         tile_max = tl.max(a, 1)
         # first argmax within the tile: the smallest column whose score equals the tile max
         tile_arg = tl.min(tl.where(a == tile_max[:, None], cols[None, :], 2147483647), 1).to(tl.int32)
@@ -182,8 +309,11 @@ def online_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr,
         p = tl.exp(a - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         if ACC_Y:
-            vt = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :],
-                         mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
+            if TMA:
+                vt = v_desc.load([tile * BLOCK_V, 0])
+            else:
+                vt = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :],
+                             mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
             acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC_Y)
         m = m_new
     if FINISH:

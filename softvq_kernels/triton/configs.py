@@ -85,6 +85,12 @@ class KernelConfig:
     # score_gemm forward in one pass over the vocabulary (y accumulated chunk by chunk with a conditionally
     # rescaled online softmax: 4 T V d FLOPs instead of 6). GPU default off until measured.
     online_output: bool = False
+    # Read the frame and codebook tiles of the online forward kernel (common.online_kernel: the default forward's
+    # score tiles and, for d <= fused_max_d, its output product's codebook tile) through device-side TMA tensor
+    # descriptors (tl.make_tensor_descriptor: UTMALDG on sm_90) instead of pointer loads. Inputs TMA cannot
+    # read (row strides or base not 16-byte aligned, a pre-Hopper GPU) fall back to the pointer path with a
+    # common.TMAFallback warning. Off everywhere until measured (static_check: compiled, HGMMA kept, no spills).
+    tma: bool = False
 
 
 # Interpreter (CPU): any block >= 16 works; larger blocks interpret faster.

@@ -43,11 +43,17 @@ from softvq_kernels.triton.common import (
     dot_precision,
     mma,
     online_kernel,
+    online_tma,
     rowdot_block,
     rowdot_block_d,
     score_tile,
+    score_tile_tma,
     stage_chunk,
     tl_acc,
+    tma_aligned_rows,
+    tma_fallback_reason,
+    tma_transpose,
+    use_tma,
 )
 
 
@@ -186,7 +192,7 @@ def forward(cfg, x, codebook, tau, scoring, need_counts, need_output=True):
         DIST=dist, ACC_Y=need_output, FROM_GEMM=False, FINISH=finish,
         PREC_S=dot_precision(x.dtype, codebook.dtype), PREC_Y=dot_precision(codebook.dtype),
         ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, D_PAD=d_pad,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=online_tma(cfg, x, codebook, need_output, d_pad), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not finish:
         _merge_kernel[(triton.cdiv(T, cfg.block_t),)](
@@ -209,13 +215,20 @@ def _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_p
              inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
              DIST: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_GN: tl.constexpr, WITH_DS: tl.constexpr,
              PREC_S: tl.constexpr, PREC_DP: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+             x_desc, c_desc, g_desc, row0, col0, TMA: tl.constexpr):
     """(ok, s, p, ds) of one (BLOCK_T, BLOCK_V) tile: the true scores s (0 outside the tile's real rows /
     columns), p = exp(s - lse) from the saved lse and
     ds = p (<g, c> + gn - delta'), gl where p == 1 (0 outside the tile's real rows / columns).
-    2 BLOCK_T BLOCK_V d FLOPs for the scores, as many again for dp (WITH_DS)."""
-    a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
-                   DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, x_ptr, 0, 0, False)
+    2 BLOCK_T BLOCK_V d FLOPs for the scores, as many again for dp (WITH_DS).
+    TMA: the x, c and g tiles come from tensor descriptors (blocks (BLOCK_T | BLOCK_V, BLOCK_K)) whose tile
+    starts are row0 / col0 (KernelConfig.tma); the pointers are not read then."""
+    if TMA:
+        a = score_tile_tma(x_desc, c_desc, colv_ptr, rowv_ptr, inv_tau, row0, col0, rows, cols, row_ok, col_ok, D,
+                           DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+    else:
+        a = score_tile(x_ptr, c_ptr, colv_ptr, rowv_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c,
+                       DIST, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K, x_ptr, 0, 0, False)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     if DIST == 1:
         a = a - tl.load(xoff_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
@@ -226,10 +239,14 @@ def _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_p
     if WITH_DS:
         dp = tl.zeros((BLOCK_T, BLOCK_V), dtype=ACC)
         for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            gt = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            ct = tl.load(c_ptr + cols[None, :] * stride_c + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if TMA:
+                gt = g_desc.load([row0, k0])
+                ct = tma_transpose(c_desc.load([col0, k0]), BLOCK_V, BLOCK_K)
+            else:
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < D
+                gt = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                ct = tl.load(c_ptr + cols[None, :] * stride_c + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             dp = mma(gt, ct, dp, PREC_DP)
         if HAS_GN:
             dp = dp + tl.load(gn_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -247,9 +264,16 @@ def _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_p
 def _counts_gradient_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, xoff_ptr, gn_ptr, delta_ptr,
                             T, V, D, stride_x, stride_c,
                             DIST: tl.constexpr, PREC_S: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                            TMA: tl.constexpr = False):
     """delta_t += sum_v p_tv gn_v for BLOCK_T rows over the whole vocabulary: the one scores pass
     (2 T V d FLOPs) a gradient on code_counts costs, since every ds needs it."""
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, D], strides=[stride_x, 1], block_shape=[BLOCK_T, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, BLOCK_K])
+    else:
+        x_desc = x_ptr
+        c_desc = c_ptr
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     inv_tau = 1.0 / tl.load(tau_ptr).to(ACC)
@@ -259,7 +283,8 @@ def _counts_gradient_kernel(x_ptr, c_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr, 
         col_ok = cols < V
         ok, _, p, _ = _ds_tile(x_ptr, c_ptr, x_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, lse_ptr, lse_ptr,
                                    gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, 0,
-                                   DIST, False, False, False, PREC_S, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                                   DIST, False, False, False, PREC_S, PREC_S, ACC, BLOCK_T, BLOCK_V, BLOCK_K,
+                                   x_desc, c_desc, x_desc, tl.program_id(0) * BLOCK_T, v0, TMA)
         gn = tl.load(gn_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         total += tl.sum(p * gn[None, :], 1)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0).to(ACC)
@@ -273,13 +298,25 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
                           DIST: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_GN: tl.constexpr,
                           PREC_S: tl.constexpr, PREC_DP: tl.constexpr, PREC_PG: tl.constexpr,
                           PREC_DSX: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          TMA: tl.constexpr = False):
     """Program (v-block, d-block): BLOCK_V codebook rows and BLOCK_D of their columns, looping over all frames
     with a (BLOCK_V, BLOCK_D) accumulator on chip: grad_codebook_v = sum_t p_tv g_t + kappa_v sum_t ds_tv r_t x_t
     (both roles), and (d-block 0) the column sums ds_cols (l2: sum_t ds) or ds_s_cols (cosine: sum_t ds s).
     Each d-block recomputes the scores and dp over the whole d: 8 T V d FLOPs over the grid with one d-block,
     + 4 T V d per further one. The d-blocks exist because a (BLOCK_V, 256) fp32 accumulator next to the
-    score, dp and ds tiles spills on sm_90 under every tile shape (softvq_kernels.triton.static_check)."""
+    score, dp and ds tiles spills on sm_90 under every tile shape (softvq_kernels.triton.static_check).
+    TMA (KernelConfig.tma): every x, c and g tile through tensor descriptors (the (BLOCK_T, BLOCK_D) ones too)."""
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, D], strides=[stride_x, 1], block_shape=[BLOCK_T, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, BLOCK_K])
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[T, D], strides=[stride_g, 1], block_shape=[BLOCK_T, BLOCK_K])
+        gd_desc = tl.make_tensor_descriptor(g_ptr, shape=[T, D], strides=[stride_g, 1], block_shape=[BLOCK_T, BLOCK_D])
+        xd_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, D], strides=[stride_x, 1], block_shape=[BLOCK_T, BLOCK_D])
+    else:
+        x_desc = x_ptr
+        c_desc = c_ptr
+        g_desc = g_ptr
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     d_block = tl.program_id(1)
@@ -295,10 +332,15 @@ def _codebook_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_
         row_ok = rows < T
         ok, s, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
                                 gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
-                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        gt = tl.load(g_ptr + rows[:, None] * stride_g + dcols[None, :], mask=tile_ok, other=0.0)
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=tile_ok, other=0.0)
+                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K,
+                                x_desc, c_desc, g_desc, t0, tl.program_id(0) * BLOCK_V, TMA)
+        if TMA:
+            gt = gd_desc.load([t0, d_block * BLOCK_D])
+            xt = xd_desc.load([t0, d_block * BLOCK_D])
+        else:
+            tile_ok = row_ok[:, None] & d_ok[None, :]
+            gt = tl.load(g_ptr + rows[:, None] * stride_g + dcols[None, :], mask=tile_ok, other=0.0)
+            xt = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :], mask=tile_ok, other=0.0)
         acc = mma(tl.trans(p).to(gt.dtype), gt, acc, PREC_PG)
         if DIST == 1:
             colsum += tl.sum(ds, 0)
@@ -321,10 +363,21 @@ def _frame_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr
                        T, V, D, stride_x, stride_c, stride_g, stride_gx, log_v,
                        DIST: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_GN: tl.constexpr,
                        PREC_S: tl.constexpr, PREC_DP: tl.constexpr, PREC_DSC: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+                       TMA: tl.constexpr = False):
     """Program: BLOCK_T frames, looping over the vocabulary with a (BLOCK_T, d) accumulator on chip:
     grad_x_raw_t = sum_v ds_tv kappa_v c_v and the row sums ds_rows, ds_u_rows, p_u_rows
-    (u = s - (lse - log V), backends.score_centre). 6 T V d FLOPs over the grid (scores, dp, dS C)."""
+    (u = s - (lse - log V), backends.score_centre). 6 T V d FLOPs over the grid (scores, dp, dS C).
+    TMA (KernelConfig.tma): every x, c and g tile through tensor descriptors (the (BLOCK_V, D_PAD) one too)."""
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, D], strides=[stride_x, 1], block_shape=[BLOCK_T, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, BLOCK_K])
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[T, D], strides=[stride_g, 1], block_shape=[BLOCK_T, BLOCK_K])
+        cd_desc = tl.make_tensor_descriptor(c_ptr, shape=[V, D], strides=[stride_c, 1], block_shape=[BLOCK_V, D_PAD])
+    else:
+        x_desc = x_ptr
+        c_desc = c_ptr
+        g_desc = g_ptr
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dcols = tl.arange(0, D_PAD)
@@ -340,7 +393,8 @@ def _frame_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr
         col_ok = cols < V
         ok, s, p, ds = _ds_tile(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, lse_ptr, xoff_ptr, delta_ptr, gamma_ptr,
                                 gn_ptr, inv_tau, rows, cols, row_ok, col_ok, D, stride_x, stride_c, stride_g,
-                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K)
+                                DIST, HAS_GAMMA, HAS_GN, True, PREC_S, PREC_DP, ACC, BLOCK_T, BLOCK_V, BLOCK_K,
+                                x_desc, c_desc, g_desc, tl.program_id(0) * BLOCK_T, v0, TMA)
         u = tl.where(ok, s - centre[:, None], 0.0)
         ds_rows += tl.sum(ds, 1)
         ds_u += tl.sum(ds * u, 1)
@@ -351,7 +405,10 @@ def _frame_grad_kernel(x_ptr, c_ptr, g_ptr, colv_ptr, rowv_ptr, tau_ptr, lse_ptr
             ds_k = ds * (tl.load(colv_ptr + cols, mask=col_ok, other=0.0).to(ACC) * inv_tau)[None, :]
         else:
             ds_k = ds * inv_tau
-        ct = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if TMA:
+            ct = cd_desc.load([v0, 0])
+        else:
+            ct = tl.load(c_ptr + cols[:, None] * stride_c + dcols[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(ds_k.to(x_ptr.dtype.element_ty), ct, acc, PREC_DSC)
     tl.store(grad_x_ptr + rows[:, None] * stride_gx + dcols[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(ds_rows_ptr + rows, ds_rows, mask=row_ok)
@@ -378,7 +435,14 @@ def backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -
     # The backward's own tile rows / columns (KernelConfig.fused_bwd_*; 0: the forward's). BLOCK_K is always the
     # forward's: the k-step order is what fixes the bits of a score, so p is still exactly 1 at a one-hot argmax.
     block_t, block_v = cfg.fused_bwd_block_t or cfg.block_t, cfg.fused_bwd_block_v or cfg.block_v
-    common = dict(DIST=dist, ACC=tl_acc(acc), BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=cfg.block_k,
+    d_pad = padded_d(d)
+    block_d = min(d_pad, cfg.fused_bwd_block_d or d_pad)
+    bk = cfg.block_k
+    if cfg.tma and tma_fallback_reason((x, codebook), ([], []), device) is None:
+        g = tma_aligned_rows(g)  # x and codebook qualify: do not let autograd's contiguous odd-d g cost TMA
+    tma = use_tma(cfg, (x, codebook, g), ([(block_t, bk), (block_t, block_d)], [(block_v, bk), (block_v, d_pad)],
+                                          [(block_t, bk), (block_t, block_d)]), device)
+    common = dict(DIST=dist, ACC=tl_acc(acc), BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=cfg.block_k, TMA=tma,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if gn is not None:
         _counts_gradient_kernel[(triton.cdiv(T, block_t),)](
@@ -395,11 +459,9 @@ def backward(cfg, g, x, codebook, tau, scoring, y, lse, grad_lse, grad_counts) -
         ds_s_cols=torch.empty(V, dtype=acc, device=device) if dist == DIST_COSINE else None,
     )
     colsum = pieces.ds_cols if dist == DIST_L2 else pieces.ds_s_cols
-    d_pad = padded_d(d)
     operands = (x, codebook, g, colv, rowv, tau1, lse, xoff_arg, delta, dummy if gamma is None else gamma,
                 dummy if gn is None else gn)
     flags = dict(HAS_GAMMA=gamma is not None, HAS_GN=gn is not None, PREC_S=prec_s, PREC_DP=prec_dp)
-    block_d = min(d_pad, cfg.fused_bwd_block_d or d_pad)
     _codebook_grad_kernel[(triton.cdiv(V, block_v), d_pad // block_d)](
         *operands, pieces.grad_codebook, dummy if colsum is None else colsum,
         T, V, d, x.stride(0), codebook.stride(0), g.stride(0), pieces.grad_codebook.stride(0),

@@ -17,6 +17,7 @@ from softvq_kernels.triton.common import (
     matmul_into,
     mm_acc,
     online_kernel,
+    online_tma,
     rows_contiguous,
     score_operands,
     score_tile,
@@ -62,7 +63,7 @@ def forward(x, codebook, tau, scoring, need_counts):
         DIST=dist, ACC_Y=fused, FROM_GEMM=False, FINISH=False,
         PREC_S=dot_precision(x.dtype, codebook.dtype), PREC_Y=dot_precision(codebook.dtype),
         ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, D_PAD=d_pad,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=online_tma(cfg, x, codebook, fused, d_pad), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     w, total, lse, indices = _merge_splits(m, l, idx, xoff)
     if fused:
@@ -291,7 +292,7 @@ def lse_argmax(x, codebook, tau, scoring):
         DIST=dist, ACC_Y=False, FROM_GEMM=False, FINISH=False,
         PREC_S=dot_precision(x.dtype, codebook.dtype), PREC_Y=dot_precision(codebook.dtype),
         ACC=tl_acc(acc), BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, D_PAD=16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=online_tma(cfg, x, codebook, False, 16), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _, _, lse, indices = _merge_splits(m, l, idx, xoff)
     return lse, indices

@@ -92,15 +92,27 @@ SCHEDULES = {
     "default": {},
     "fused": {"fused_finish": True, "fused_backward": True},
     "online_output": {"online_output": True},
+    # The default schedule with the online forward's frame / codebook tiles read through TMA descriptors
+    # (KernelConfig.tma; sm_90 only: TMA is Hopper's). Its other kernels are the default schedule's compiles.
+    "tma": {"tma": True},
+    # The fused schedule with every x / codebook / g tile of its online forward and its backward kernels
+    # (counts gradient, dC, dx) read through TMA descriptors.
+    "fused_tma": {"fused_finish": True, "fused_backward": True, "tma": True},
 }
+# Schedules that exist on some architectures only.
+SCHEDULE_ARCHES = {"tma": ("sm_90",), "fused_tma": ("sm_90",)}
 # The same with code counts asked for and a gradient on them (extra kernels / constexpr variants).
 COUNTS_SUFFIX = "+counts"
 
 
-def schedule_applies(schedule: str, cfg: configs.KernelConfig, d: int) -> bool:
+def schedule_applies(schedule: str, cfg: configs.KernelConfig, d: int, arch: str = "sm_90") -> bool:
     fused = triton.next_power_of_2(d) <= cfg.fused_max_d
     base = schedule.removesuffix(COUNTS_SUFFIX)
-    if base == "fused":
+    if arch not in SCHEDULE_ARCHES.get(base, (arch,)):
+        return False
+    if base == "tma":  # the online kernel computes its own score tiles (not the cuBLAS-scores schedule)
+        return fused or not cfg.score_gemm
+    if base in ("fused", "fused_tma"):
         return fused
     if base == "online_output":
         return not fused and cfg.score_gemm
@@ -178,7 +190,7 @@ def record_launches(arch: str, shape: tuple[int, int, int], schedule: str, dtype
     schedule does not apply at this shape. overrides: KernelConfig fields replaced in the table's entry."""
     T, V, d = shape
     base = dataclasses.replace(table_config(arch, V, d, dtype), **(overrides or {}))
-    if not schedule_applies(schedule, base, d):
+    if not schedule_applies(schedule, base, d, arch):
         return None
     counts = schedule.endswith(COUNTS_SUFFIX)
     cfg = dataclasses.replace(base, min_programs=2 * ARCHES[arch].sm_count,
@@ -413,7 +425,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(ARCHES), choices=list(ARCHES))
     parser.add_argument("--shapes", default="all", help="'all', 'ci', or T,V,d[;T,V,d...]")
-    parser.add_argument("--schedules", nargs="+", default=[*SCHEDULES, "default" + COUNTS_SUFFIX, "fused" + COUNTS_SUFFIX],
+    parser.add_argument("--schedules", nargs="+",
+                        default=[*SCHEDULES, *(name + COUNTS_SUFFIX for name in ("default", "fused", "fused_tma"))],
                         help=f"of {list(SCHEDULES)}, each optionally with {COUNTS_SUFFIX}")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="KernelConfig fields to replace in every table entry (to try a config before committing it)")
