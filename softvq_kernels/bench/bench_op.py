@@ -319,7 +319,9 @@ def _load():
         return None
 
 
-def run_benchmark(args) -> dict:
+def run_benchmark(args, on_progress=None) -> dict:
+    """Every job of args, round by round; ``on_progress(report)`` after each job gets the report of
+    what is measured so far (main writes it to --out, so a run stopped early keeps its rows)."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     impls, skipped = _available_impls(args.impls, device)
@@ -330,11 +332,11 @@ def run_benchmark(args) -> dict:
     except ImportError:  # tqdm is a dependency; keep the benchmark usable without it
         def tqdm(it, **_):
             return it
-    from softvq_kernels import backends
 
     load_at_start = _load()
-    jobs = [(shape, distance, mode, impl) for shape in args.shapes for distance in args.distances
-            for mode in args.modes for impl in impls if supports(impl, distance, mode)]
+    # in the order of --modes, then --distance: what is listed first is measured first
+    jobs = [(shape, distance, mode, impl) for shape in args.shapes for mode in args.modes
+            for distance in args.distances for impl in impls if supports(impl, distance, mode)]
     gemm = {shape: {} for shape in args.shapes}  # "TxKxN" -> best rate over the rounds
     measured = {job: [] for job in jobs}
     for round_index in range(args.rounds):
@@ -359,17 +361,27 @@ def run_benchmark(args) -> dict:
                     result.update(memory)
             result["load_before"] = load
             measured[job].append(result)
+            if on_progress is not None:
+                on_progress(_report(args, device, impls, skipped, load_at_start, gemm, measured))
+    return _report(args, device, impls, skipped, load_at_start, gemm, measured)
+
+
+def _report(args, device, impls, skipped, load_at_start, gemm, measured):
+    from softvq_kernels import backends
+
     rows = []
     for shape in args.shapes:
         T, V, d = shape
         best_rate = max(gemm[shape].values())
-        for distance in args.distances:
-            for mode in args.modes:
+        for mode in args.modes:
+            for distance in args.distances:
+                if not any(measured.get((shape, distance, mode, impl)) for impl in impls):
+                    continue
                 rows.append({"impl": "floor", "T": T, "V": V, "d": d, "distance": distance, "mode": mode,
                              "time_s": FLOPS_PER_TVD[mode] * T * V * d / best_rate,
                              "gemm_tflops": best_rate / 1e12})
                 for impl in impls:
-                    if (shape, distance, mode, impl) in measured:
+                    if measured.get((shape, distance, mode, impl)):
                         rows.append(_best_round(measured[(shape, distance, mode, impl)], impl, shape, distance, mode,
                                                 best_rate))
     _add_ratios(rows)
@@ -543,10 +555,15 @@ def main(argv=None) -> None:
         args.reps = 20 if args.device.startswith("cuda") else 3
     if args.reps < 1:
         parser.error("--reps must be at least 1")
-    report = run_benchmark(args)
-    out = args.out or f"benchmarks/results/{torch.device(args.device).type}-{report['date'][:10]}.json"
+    out = args.out or (f"benchmarks/results/{torch.device(args.device).type}-"
+                       f"{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+    def write(report):
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run_benchmark(args, on_progress=write)
+    write(report)
     if args.plot:
         plot(report, args.plot)
     print(format_table(report))
