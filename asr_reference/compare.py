@@ -78,7 +78,7 @@ def run_dir(runs: Path, row: str, seed_index: int) -> Path:
 
 def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool, need_lm: bool,
                      hard_soft_steps: int = 0, jobs: int = 1, done: dict | None = None, *, encoder_steps: int = 0,
-                     frozen_encoder: bool = False, batch_size: int = 8) -> float:
+                     frozen_encoder: bool = False, batch_size: int = 8, side_by_side: bool = False) -> float:
     """Wall seconds on the reference CPU: preparation and LM pretraining, then the runs (each trained
     and decoded; ``done[(row, seed_index)]``: steps a run folder already has). ``jobs`` > 1 processes
     share the cores, so the runs take their total work divided by the cores in use, and never less
@@ -102,8 +102,13 @@ def estimate_seconds(rows: list[str], steps: int, seeds: int, need_prepare: bool
 
     first = [run_time(r, k) for r in rows if r != "hard-soft" for k in range(seeds)]
     second = [run_time(r, k) for r in rows if r == "hard-soft" for k in range(seeds)]
-    encoder = encoder_steps * ref["encoder_step"] + (ref["encoder_cache"] if frozen_encoder else 0.0)
-    return ref["prepare"] * need_prepare + ref["lm"] * need_lm + encoder + span(first) + span(second)
+    encoder = encoder_steps * ref["encoder_step"]
+    lm = ref["lm"] * need_lm
+    # LM and encoder pretraining side by side (one process each): the cores share their work
+    pretrain = (max(lm, encoder, (lm + encoder) / min(2, ref["cores"])) if side_by_side and lm and encoder
+                else lm + encoder)
+    cache = ref["encoder_cache"] if frozen_encoder else 0.0
+    return ref["prepare"] * need_prepare + pretrain + cache + span(first) + span(second)
 
 
 def encoder_is_current(enc_dir: Path, data: Path, steps: int, batch_size: int, seed: int, arch=None) -> bool:

@@ -147,14 +147,14 @@ def ctc_error_rates(model: CTCEncoder, manifest: str | Path, batch_size: int = 3
     return {"wer": round(wer, 4), "cer": round(cer, 4), "n": len(idx)}
 
 
-def encoder_plan(train_manifest: str | Path, *, steps: int = 2500, batch_size: int = 16, lr: float = 2e-3,
+def encoder_plan(train_manifest: str | Path, *, steps: int = 1500, batch_size: int = 16, lr: float = 2e-3,
                  warmup: int = 200, seed: int = 0, arch: EncoderArch | None = None) -> dict:
     """What makes an encoder folder: a finished folder with the same plan is reused as it is."""
     return {"arch": asdict(arch or EncoderArch()), "steps": steps, "batch_size": batch_size, "lr": lr,
             "warmup": warmup, "seed": seed, "train": str(train_manifest), "data": fingerprint_file(train_manifest)}
 
 
-def pretrain_encoder(train_manifest: str | Path, out: str | Path, *, steps: int = 2500, batch_size: int = 16,
+def pretrain_encoder(train_manifest: str | Path, out: str | Path, *, steps: int = 1500, batch_size: int = 16,
                      lr: float = 2e-3, warmup: int = 200, seed: int = 0, device: str = "cpu",
                      dev: str | Path | None = None, arch: EncoderArch | None = None, log=print,
                      progress_bar: bool = True, save_every: int = 200) -> dict:

@@ -277,7 +277,13 @@ def train(cfg: ASRConfig, args: TrainArgs, log=print) -> dict:
     if args.feature_cache and not model.encoder_trainable():
         from asr_reference.feature_cache import cache_file, encoder_frames
 
-        cached = encoder_frames(model, data, cache_file(model, args.train, run), log=log if rank == 0 else (lambda m: None))
+        path = cache_file(model, args.train, run)
+        if rank == 0:  # one process computes and writes the cache; the others read it
+            cached = encoder_frames(model, data, path, log=log if not args.quiet else (lambda m: None))
+        if world > 1:
+            dist.barrier()
+            if rank > 0:
+                cached = encoder_frames(model, data, path, log=lambda m: None)
 
     def micro_batches():
         """(wav, lengths, texts, encoded) of this rank, endlessly over epochs; (epoch, pos) name the next

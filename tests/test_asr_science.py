@@ -362,6 +362,20 @@ def test_estimate_schedules_parallel_runs():
         60 * REFERENCE_CPU["step"]["soft"] + REFERENCE_CPU["eval"])
 
 
+def test_estimate_counts_the_encoder_stage_and_the_bridge_steps():
+    from asr_reference.compare import REFERENCE_CPU as R, estimate_seconds
+
+    bridge = estimate_seconds(["soft"], 100, 1, False, False, frozen_encoder=True, batch_size=16)
+    assert bridge == pytest.approx(100 * 16 * R["bridge_step"] + R["eval"] + R["encoder_cache"])
+    # encoder pretraining: after the LM, or beside it on the other core
+    enc = 1000 * R["encoder_step"]
+    after = estimate_seconds(["soft"], 100, 1, False, True, encoder_steps=1000, frozen_encoder=True, batch_size=16)
+    beside = estimate_seconds(["soft"], 100, 1, False, True, encoder_steps=1000, frozen_encoder=True, batch_size=16,
+                              side_by_side=True)
+    assert after == pytest.approx(bridge + R["lm"] + enc)
+    assert beside == pytest.approx(bridge + max(R["lm"], enc, (R["lm"] + enc) / R["cores"]))
+
+
 def test_stale_data_and_lm_are_detected(tmp_path):
     from asr_reference.compare import data_is_stale, lm_is_stale, mark_lm
     from asr_reference.data import IN_DOMAIN, OUT_OF_DOMAIN

@@ -19,7 +19,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 # machine's speed; the demo prints how long it expects to take). CPU: one seed; GPU: larger, 3 seeds.
 # enc_*: the pretrain-encoder stage (character CTC on the training set; shared by every system and seed).
 DEFAULTS = {
-    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "enc_steps": 2500, "enc_batch": 16,
+    "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "enc_steps": 1500, "enc_batch": 16,
             "steps": 600, "batch_size": 16, "seeds": 1},
     "cuda": {"n_train": 4800, "lm_steps": 1500, "lm_batch": 64, "enc_steps": 6000, "enc_batch": 32,
              "steps": 3000, "batch_size": 32, "seeds": 3},

@@ -115,7 +115,7 @@ def run(args) -> None:
         est = C.estimate_seconds(rows, steps, seeds, need_prepare, need_lm, hard_soft_steps, jobs, done,
                                  encoder_steps=enc_steps if need_encoder else 0,
                                  frozen_encoder=bool(args.encoder or pretrained_encoder) and not args.finetune_encoder,
-                                 batch_size=batch)
+                                 batch_size=batch, side_by_side=need_lm and need_encoder and (os.cpu_count() or 1) > 1)
         log(f"demo: {plan}; expect about {est / 60:.0f} min on an idle 2-core CPU like the one the README's "
             f"numbers come from (more on a slower or busy machine: the step count is fixed, so the results "
             f"are the same, only the time changes; the measured speed is printed after each run's first steps)")
