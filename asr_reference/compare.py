@@ -47,7 +47,10 @@ PAIRS = (("soft", "none"), ("soft", "plain"), ("hard", "none"), ("soft-no-ctc", 
 # training step of each row, decoding one run on every test set). A different machine takes longer or
 # shorter; the results do not change, because the step count is fixed. The measured speed is printed
 # after each run's first steps. "step*": the built-in encoder trained inside the run, batch 8;
-# "bridge_step*": a frozen pretrained encoder (cached outputs), per utterance of the batch.
+# "bridge_step*": a frozen pretrained encoder (cached outputs), per utterance of the batch (measured
+# 0.17 s per step of 16 on one thread of the shared CPU, 2026-12-03); "encoder_step" and
+# "encoder_cache" are estimates, not idle-machine measurements (2.6 s/step was measured with two
+# threads on the contended CPU).
 REFERENCE_CPU = {"cores": 2, "prepare": 80.0, "lm": 370.0, "eval": 30.0, "encoder_step": 0.55, "encoder_cache": 40.0,
                  # per run, with one single-threaded process per core (demo --compare's default)
                  "step_parallel": {"none": 0.38, "hard": 0.36, "soft": 0.39, "plain": 0.37, "soft-no-ctc": 0.38,

@@ -288,7 +288,7 @@ def test_demo_compare_tiny(tiny, tmp_path, monkeypatch):
     shutil.copytree(tiny["root"] / "data", data)
     (data / "test_ood_noise.jsonl").rename(data / "test_in.jsonl")  # a set named test_in, as demo expects
     shutil.copy(data / "test_in.jsonl", data / "test_ood_noise.jsonl")
-    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4})
+    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4, "scratch_batch": 4})
     _short_decoding(monkeypatch)
     lines = []
     monkeypatch.setattr(common, "log", lambda m: lines.append(m))
@@ -304,6 +304,8 @@ def test_demo_compare_tiny(tiny, tmp_path, monkeypatch):
     assert [s["seed"] for s in saved["train"] if s["row"] == "soft"] == [0, 1]
     assert (tmp_path / "runs" / "vq_plain_s1" / "checkpoint.pt").is_file()
     md = (out / "compare.md").read_text()
+    assert "frozen, its outputs cached" in md and "(trains: projector, VQ codebook + tau)" in md
+    assert (tmp_path / "runs" / "encoder" / "builtin_encoder.json").is_file()
     assert "| soft vs plain | test_in |" in md and "mean ± std over 2 seeds" in md
     assert "--seeds 2" in md
     # a rerun reuses every finished run (nothing retrained)
@@ -327,14 +329,14 @@ def test_demo_compare_parallel_jobs(tiny, tmp_path, monkeypatch, capfd):
     data = tmp_path / "data"
     shutil.copytree(tiny["root"] / "data", data)
     (data / "test_ood_noise.jsonl").rename(data / "test_in.jsonl")
-    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4})
+    monkeypatch.setitem(common.DEFAULTS, "cpu", {**common.DEFAULTS["cpu"], "batch_size": 4, "enc_steps": 2, "enc_batch": 4, "scratch_batch": 4})
     lines = []
     monkeypatch.setattr(common, "log", lambda m: lines.append(m))
     out = tmp_path / "results"
-    cli.main(["demo", "--compare", "--rows", "plain", "hard", "--steps", "2", "--data", str(data),
+    cli.main(["demo", "--compare", "--rows", "plain", "hard", "--steps", "2", "--scratch-encoder", "--data", str(data),
               "--runs", str(tmp_path / "runs"), "--llm", str(tiny["lm"]), "--results", str(out), "--device", "cpu",
               "--warmup", "1", "--enc-dim", "32", "--enc-layers", "1", "--jobs", "2"])
-    assert "2 in parallel" in lines[0]
+    assert "2 in parallel" in lines[0] and "encoder pretraining" not in lines[0]  # --scratch-encoder: no stage
     printed = capfd.readouterr()
     assert "[plain] train: done" in printed.out and "[hard] train: done" in printed.out
     assert "demo: 100%" in printed.err  # the parent's one bar over both runs' steps

@@ -20,10 +20,12 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 # enc_*: the pretrain-encoder stage (character CTC on the training set; shared by every system and seed).
 DEFAULTS = {
     "cpu": {"n_train": 2400, "lm_steps": 1500, "lm_batch": 32, "enc_steps": 1500, "enc_batch": 16,
-            "steps": 600, "batch_size": 16, "seeds": 1},
+            "steps": 600, "batch_size": 16, "seeds": 1, "scratch_steps": 1500, "scratch_batch": 8},
     "cuda": {"n_train": 4800, "lm_steps": 1500, "lm_batch": 64, "enc_steps": 6000, "enc_batch": 32,
-             "steps": 3000, "batch_size": 32, "seeds": 3},
+             "steps": 3000, "batch_size": 32, "seeds": 3, "scratch_steps": 4000, "scratch_batch": 16},
 }
+# scratch_*: demo --scratch-encoder, the earlier recipe (the encoder trained inside every run), as the
+# results made before the pretrain-encoder stage were trained
 
 
 def device(arg: str) -> str:

@@ -57,7 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--results", default=str(common.RESULTS))
     p.add_argument("--text", default=None)
     p.add_argument("--steps", type=POSITIVE_INT, default=None,
-                   help=f"steps per run (default {DEFAULTS['cpu']['steps']} on CPU, {DEFAULTS['cuda']['steps']} on GPU; fixed)")
+                   help=f"steps per run (default {DEFAULTS['cpu']['steps']} on CPU, {DEFAULTS['cuda']['steps']} on GPU; "
+                        f"with --scratch-encoder {DEFAULTS['cpu']['scratch_steps']} / {DEFAULTS['cuda']['scratch_steps']}; fixed)")
     p.add_argument("--beams", type=POSITIVE_INT, default=1)
     p.add_argument("--lr", type=POSITIVE, default=2e-3)
     p.add_argument("--warmup", type=NONNEG_INT, default=50)
@@ -80,7 +81,7 @@ def run(args) -> None:
     on_gpu = device.startswith("cuda")
     size = DEFAULTS["cuda" if on_gpu else "cpu"]
     data, runs = Path(args.data), Path(args.runs)
-    steps = args.steps or size["steps"]
+    steps = args.steps or size["scratch_steps" if args.scratch_encoder else "steps"]
     seeds = args.seeds or (size["seeds"] if args.compare else 1)
     rows = C.resolve_rows(args.rows, args.hard_soft) if args.compare else [args.vq or "soft"]
     hard_soft_steps = args.hard_soft_steps or max(1, steps // 4)
@@ -101,7 +102,7 @@ def run(args) -> None:
     arch = EncoderArch(**{k: getattr(args, k) for k in ("enc_dim", "enc_layers") if getattr(args, k) is not None})
     need_encoder = pretrained_encoder and (args.fresh or need_prepare or not C.encoder_is_current(
         enc_dir, data, enc_steps, size["enc_batch"], args.seed, arch))
-    batch = size["batch_size"]
+    batch = size["scratch_batch" if args.scratch_encoder else "batch_size"]
     plan = (f"{len(rows)} run(s) x {seeds} seed(s), {steps} steps x {batch} utterances each"
             + (f" (hard-soft: +{hard_soft_steps} steps)" if "hard-soft" in rows else "")
             + (f", {jobs} in parallel" if jobs > 1 else "")
