@@ -364,7 +364,7 @@ def test_cublas_path_matches_the_triton_gemm(monkeypatch, variant, out_dtype):
     """matmul_into with gemm="cublas" computes what _mm_kernel computes. Without a GPU the cuBLAS product
     is replaced by an fp32 torch product of the same 16-bit operands (the bookkeeping is what is tested)."""
     if not CUDA:
-        monkeypatch.setattr(common, "_cublas_can_take", lambda c, *ops: True)
+        monkeypatch.setattr(common, "cublas_can_take", lambda c, *ops: True)
         monkeypatch.setattr(common, "_mm_fp32", lambda a, b: a.float() @ b.float())
         monkeypatch.setattr(common, "addmm_acc", lambda c, a, b: c.add_(a.float() @ b.float()))
     dtype = torch.float16

@@ -480,7 +480,7 @@ def matmul_into(c, a, b, cfg, *, second=None, accumulate=False):
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
-    if cfg.gemm == "cublas" and _cublas_can_take(c, a, b, *(second or ())):
+    if cfg.gemm == "cublas" and cublas_can_take(c, a, b, *(second or ())):
         if c.dtype == torch.float32:  # cuBLAS adds into the fp32 c itself: no temporary
             if not accumulate:
                 c.copy_(_mm_fp32(a, b))
@@ -508,12 +508,12 @@ def matmul_into(c, a, b, cfg, *, second=None, accumulate=False):
     return c
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _cublas_can_take(c, *operands) -> bool:
+def cublas_can_take(c, *operands) -> bool:
     dtype = operands[0].dtype
-    return (c.is_cuda and c.dtype in (torch.float32, dtype) and dtype in _LOW_PRECISION
+    return (c.is_cuda and c.dtype in (torch.float32, dtype) and dtype in LOW_PRECISION
             and all(t.dtype == dtype for t in operands))
 
 
@@ -526,7 +526,7 @@ def mm_acc(a, b, acc: torch.dtype) -> torch.Tensor:
     """a @ b in the accumulation dtype: cuBLAS with an fp32 result for 16-bit CUDA operands; otherwise
     the operands cast to acc (fp32 GEMMs stay IEEE fp32: torch does not use TF32 for matmul by default;
     the interpreter tests take this branch)."""
-    if a.is_cuda and acc == torch.float32 and a.dtype in _LOW_PRECISION and b.dtype == a.dtype:
+    if a.is_cuda and acc == torch.float32 and a.dtype in LOW_PRECISION and b.dtype == a.dtype:
         return _mm_fp32(a, b)
     return a.to(acc) @ b.to(acc)
 
@@ -538,7 +538,7 @@ def addmm_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """c += a @ b in c's (accumulation) dtype, in place: for 16-bit CUDA operands cuBLAS adds into the fp32 c
     itself (beta = 1, no temporary), else through ``mm_acc``."""
     global _addmm_out_dtype_works
-    if a.is_cuda and c.dtype == torch.float32 and a.dtype in _LOW_PRECISION and b.dtype == a.dtype:
+    if a.is_cuda and c.dtype == torch.float32 and a.dtype in LOW_PRECISION and b.dtype == a.dtype:
         if _addmm_out_dtype_works is not False:
             try:
                 torch.addmm(c, a, b, out_dtype=torch.float32, out=c)

@@ -41,9 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces @triton.jit: nothing to compile
-    raise ImportError("softvq_kernels.triton.static_check needs TRITON_INTERPRET unset (it compiles real kernels)")
-
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
@@ -103,6 +100,13 @@ SCHEDULES = {
 SCHEDULE_ARCHES = {"tma": ("sm_90",), "fused_tma": ("sm_90",)}
 # The same with code counts asked for and a gradient on them (extra kernels / constexpr variants).
 COUNTS_SUFFIX = "+counts"
+
+
+def require_compiler() -> None:
+    """The interpreter replaces @triton.jit (nothing to compile): refuse clearly where kernels are compiled.
+    Importing this module stays possible everywhere (the suite imports every module under the interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("softvq_kernels.triton.static_check needs TRITON_INTERPRET unset (it compiles real kernels)")
 
 
 def schedule_applies(schedule: str, cfg: configs.KernelConfig, d: int, arch: str = "sm_90") -> bool:
@@ -173,21 +177,22 @@ def recording(arch: str):
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
         launches.append(Launch(self, signature, constexprs, attrs, options))
 
-    saved_run, saved_cublas = JITFunction.run, common._cublas_can_take
+    saved_run, saved_cublas = JITFunction.run, common.cublas_can_take
     JITFunction.run = record
-    common._cublas_can_take = lambda c, *operands: (
+    common.cublas_can_take = lambda c, *operands: (
         c.device.type in ("cuda", "meta") and c.dtype in (torch.float32, operands[0].dtype)
-        and operands[0].dtype in common._LOW_PRECISION and all(t.dtype == operands[0].dtype for t in operands))
+        and operands[0].dtype in common.LOW_PRECISION and all(t.dtype == operands[0].dtype for t in operands))
     try:
         yield target, launches
     finally:
-        JITFunction.run, common._cublas_can_take = saved_run, saved_cublas
+        JITFunction.run, common.cublas_can_take = saved_run, saved_cublas
 
 
 def record_launches(arch: str, shape: tuple[int, int, int], schedule: str, dtype=torch.bfloat16,
                     distance: str = "l2", overrides: dict | None = None) -> tuple[configs.KernelConfig, list[Launch]] | None:
     """The config and the Triton launches of one forward + backward + hard-mode forward, or None when the
     schedule does not apply at this shape. overrides: KernelConfig fields replaced in the table's entry."""
+    require_compiler()
     T, V, d = shape
     base = dataclasses.replace(table_config(arch, V, d, dtype), **(overrides or {}))
     if not schedule_applies(schedule, base, d, arch):
@@ -349,6 +354,7 @@ def sweep(arches, shapes, schedules, *, use_cache=True, progress=None, overrides
           kernels=None) -> list[dict]:
     """One row per distinct compile: its figures, failures, and where (shape, schedule) it is launched.
     kernels: only the launches of these kernel names (None: all). jobs: parallel compiles."""
+    require_compiler()
     distinct: dict[str, tuple[Launch, str, list[str]]] = {}
     for arch in arches:
         backend = make_backend(GPUTarget("cuda", ARCHES[arch].capability, 32))
@@ -421,6 +427,7 @@ CI_SHAPES = ((4096, 32000, 256), (16384, 32000, 128), (65536, 128256, 256), (819
 
 
 def main(argv=None) -> int:
+    require_compiler()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(ARCHES), choices=list(ARCHES))
